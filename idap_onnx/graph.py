@@ -1,0 +1,127 @@
+"""A read-only index over an ONNX graph: producers, consumers, constants and shapes.
+
+Analyses (the dependency graph, block enumeration, accounting) read the model through this
+index; nothing here edits a graph.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from functools import cached_property
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+Dim = int | str | None
+Shape = tuple[Dim, ...]
+
+
+class GraphIndex:
+    """Producers, consumers, constants and inferred shapes of one model's main graph.
+
+    The model must carry inferred shapes (``idap_onnx.shapes.infer_shapes``) for the shape
+    queries to answer; nodes must have unique names (``idap_onnx.model_io.load_model``).
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.nodes: list[onnx.NodeProto] = list(model.graph.node)
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.nodes:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers[inp].append(node)
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in self.graph.initializer}
+        self.input_names: list[str] = [
+            i.name for i in self.graph.input if i.name not in self.initializers
+        ]
+        self.output_names: list[str] = [o.name for o in self.graph.output]
+        self._arrays: dict[str, np.ndarray] = {}
+
+    @cached_property
+    def opset(self) -> int:
+        """The default-domain opset version."""
+        for imp in self.model.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                return int(imp.version)
+        return 1
+
+    @cached_property
+    def shapes(self) -> dict[str, Shape]:
+        """Tensor name -> shape (int, symbolic name, or None per dim) for every known tensor."""
+        shapes: dict[str, Shape] = {}
+        infos = list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)
+        for vi in infos:
+            tt = vi.type.tensor_type
+            if not tt.HasField("shape"):
+                continue
+            shapes[vi.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                for d in tt.shape.dim
+            )
+        for name, t in self.initializers.items():
+            shapes[name] = tuple(int(d) for d in t.dims)
+        return shapes
+
+    def shape(self, name: str) -> Shape | None:
+        """The inferred shape of ``name``, or None when unknown."""
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    def initializer_name(self, name: str) -> str | None:
+        """The initializer behind ``name``, following ``Identity`` chains (legacy exporter dedup)."""
+        seen = 0
+        while name not in self.initializers:
+            node = self.producer.get(name)
+            if node is None or node.op_type != "Identity" or seen > 16:
+                return None
+            name, seen = node.input[0], seen + 1
+        return name
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` when it is an initializer, an Identity of one, or a Constant."""
+        init = self.initializer_name(name)
+        if init is not None:
+            if init not in self._arrays:
+                self._arrays[init] = numpy_helper.to_array(self.initializers[init])
+            return self._arrays[init]
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+                if attr.name == "value_ints":
+                    return np.array(list(attr.ints), dtype=np.int64)
+                if attr.name == "value_int":
+                    return np.array(attr.i, dtype=np.int64)
+                if attr.name == "value_float":
+                    return np.array(attr.f, dtype=np.float32)
+                if attr.name == "value_floats":
+                    return np.array(list(attr.floats), dtype=np.float32)
+        return None
+
+    def is_constant(self, name: str) -> bool:
+        return self.constant(name) is not None
+
+    def node(self, name: str) -> onnx.NodeProto:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of attribute ``name`` of ``node`` (python types), or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default

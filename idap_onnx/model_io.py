@@ -1,0 +1,478 @@
+"""Reading and writing ONNX models safely.
+
+Invariants:
+
+* :func:`load_model` returns a self-contained model: external data is read into memory, the
+  opset is one idap-onnx supports, the ONNX checker passes, every main-graph node has a unique
+  non-empty name and (by default) every foldable ``Constant`` node of the main graph is an
+  initializer. The input file is only ever read.
+* :func:`save_model` never leaves a half-written file at the destination: it writes a temporary
+  file in the destination directory, syncs it to disk and renames it over the destination. Models
+  whose serialized size reaches :data:`EXTERNAL_DATA_THRESHOLD` (protobuf cannot serialize 2 GB)
+  are written as ``<name>`` plus one external data file ``<name>.data`` beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import IO
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper, numpy_helper
+
+from idap_onnx.errors import ModelLoadError, UnsupportedModelError, UsageError
+
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "KNOWN_DOMAINS",
+    "SUPPORTED_OPSETS",
+    "assign_node_names",
+    "fold_constant_nodes",
+    "iter_tensors",
+    "load_model",
+    "model_opset",
+    "save_model",
+]
+
+#: Serialized size (bytes) from which :func:`save_model` writes tensors to an external file.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**20
+#: Operator-set domains idap-onnx knows (besides the domains of model-local functions).
+KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+#: Default-domain opset versions idap-onnx supports.
+SUPPORTED_OPSETS = range(7, 26)
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+# Tensors smaller than this stay inside the model file when saving with external data.
+_EXTERNAL_TENSOR_MIN_BYTES = 1024
+# Offsets of tensors in the external data file are multiples of this (lets runtimes mmap).
+_EXTERNAL_ALIGNMENT = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def load_model(path: str | os.PathLike, *, fold_constants: bool = True) -> onnx.ModelProto:
+    """Loads an ONNX model, with its external data, and validates it.
+
+    Args:
+        path: The ``.onnx`` file. External data files are looked up relative to its directory.
+        fold_constants: Turn every main-graph ``Constant`` node holding a dense tensor, float(s)
+            or int(s) into an initializer named after the node's output.
+
+    Returns:
+        A self-contained model (no external data references) whose main-graph nodes all have
+        unique, non-empty names.
+
+    Raises:
+        ModelLoadError: The file is missing, a directory, not ONNX, truncated, fails the ONNX
+            checker, or its external data is missing or short.
+        UnsupportedModelError: The model imports an unknown operator domain or a default-domain
+            opset outside :data:`SUPPORTED_OPSETS`.
+    """
+    path = pathlib.Path(path)
+    model = _parse_model_file(path)
+    _check_opsets(model, path)
+    _load_external_data(model, path)
+    _run_checker(model, path)
+    if fold_constants:
+        fold_constant_nodes(model.graph, ir_version=model.ir_version)
+    assign_node_names(model.graph)
+    return model
+
+
+def _fail(path: pathlib.Path, reason: str, fix: str) -> ModelLoadError:
+    return ModelLoadError(f"cannot load model '{path}': {reason}; {fix}")
+
+
+def _looks_like_onnx(data: bytes) -> bool:
+    """Whether ``data`` starts like a serialized ModelProto (field 1, ``ir_version``, 1..31)."""
+    return len(data) >= 2 and data[0] == 0x08 and 1 <= data[1] < 32
+
+
+def _parse_model_file(path: pathlib.Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise _fail(path, "the file does not exist", "check the path")
+    if path.is_dir():
+        raise _fail(path, "it is a directory", "pass the .onnx file inside it")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _fail(path, f"it cannot be read ({exc.strerror})", "check its permissions") from exc
+    truncated = (
+        "the file looks like ONNX but is truncated or corrupted",
+        "re-export or re-download it",
+    )
+    not_onnx = ("it is not an ONNX model", "pass a .onnx file exported by an ONNX exporter")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise _fail(path, *(truncated if _looks_like_onnx(data) else not_onnx)) from exc
+    if not model.HasField("graph") or len(model.graph.node) == 0 or model.ir_version == 0:
+        raise _fail(path, *(truncated if _looks_like_onnx(data) else not_onnx))
+    return model
+
+
+def _check_opsets(model: onnx.ModelProto, path: pathlib.Path) -> None:
+    local_domains = {function.domain for function in model.functions}
+    for opset in model.opset_import:
+        if opset.domain in _DEFAULT_DOMAINS and opset.version not in SUPPORTED_OPSETS:
+            raise UnsupportedModelError(
+                f"model '{path}' uses default-domain opset {opset.version}, outside the "
+                f"supported {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}; convert it "
+                "with onnx.version_converter or re-export it with a supported opset"
+            )
+        if opset.domain not in KNOWN_DOMAINS and opset.domain not in local_domains:
+            known = ", ".join(repr(d) for d in sorted(KNOWN_DOMAINS))
+            raise UnsupportedModelError(
+                f"model '{path}' imports unknown operator domain '{opset.domain}' "
+                f"(known: {known}); re-export it without custom operators"
+            )
+    if not any(opset.domain in _DEFAULT_DOMAINS for opset in model.opset_import):
+        raise UnsupportedModelError(
+            f"model '{path}' has no default-domain (ai.onnx) opset import; re-export it with "
+            "an opset in the supported range"
+        )
+
+
+def _run_checker(model: onnx.ModelProto, path: pathlib.Path) -> None:
+    # A model over 2 GB (its external data loaded) cannot be serialized for the checker; its
+    # file on disk, which refers to the data instead of holding it, can be checked.
+    too_large = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+    try:
+        onnx.checker.check_model(str(path) if too_large else model, full_check=False)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise _fail(
+            path, f"the ONNX checker rejects it ({first_line})", "fix or re-export the model"
+        ) from exc
+
+
+def _load_external_data(model: onnx.ModelProto, path: pathlib.Path) -> None:
+    base_dir = path.parent
+    for tensor in iter_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        data_path = base_dir / info.location
+        if not info.location or not data_path.is_file():
+            raise _fail(
+                path,
+                f"external data file '{data_path}' of tensor '{tensor.name}' is missing",
+                "copy the data file next to the model",
+            )
+        try:
+            external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+            tensor.ClearField("data_location")  # as if the data had always been inline
+        except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
+            reason = " ".join(str(exc).split())
+            raise _fail(
+                path,
+                f"external data file '{data_path}' cannot be read for tensor "
+                f"'{tensor.name}' ({reason})",
+                "re-export the model or copy its complete data file",
+            ) from exc
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Yields every dense tensor of a model, in a fixed order.
+
+    Covers initializers, sparse initializers' values and indices, and tensors held in node
+    attributes, in the main graph, in all subgraphs and in model-local functions.
+
+    Args:
+        model: The model to walk.
+
+    Yields:
+        The tensors themselves (mutable), not copies.
+    """
+    yield from _iter_graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _iter_node_tensors(node)
+
+
+def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _iter_node_tensors(node)
+
+
+def _iter_node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attribute in node.attribute:
+        if attribute.HasField("t"):
+            yield attribute.t
+        yield from attribute.tensors
+        if attribute.HasField("sparse_tensor"):
+            yield attribute.sparse_tensor.values
+            yield attribute.sparse_tensor.indices
+        for sparse in attribute.sparse_tensors:
+            yield sparse.values
+            yield sparse.indices
+        if attribute.HasField("g"):
+            yield from _iter_graph_tensors(attribute.g)
+        for subgraph in attribute.graphs:
+            yield from _iter_graph_tensors(subgraph)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalization: Constant folding and node names
+# ----------------------------------------------------------------------------------------------
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor a ``Constant`` node produces, or None when it is not foldable here."""
+    if len(node.attribute) != 1 or node.attribute[0].ref_attr_name:
+        return None
+    attribute = node.attribute[0]
+    if attribute.name == "value":
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(attribute.t)
+        return tensor
+    if attribute.name == "value_float":
+        return numpy_helper.from_array(np.array(attribute.f, dtype=np.float32))
+    if attribute.name == "value_floats":
+        return numpy_helper.from_array(np.array(list(attribute.floats), dtype=np.float32))
+    if attribute.name == "value_int":
+        return numpy_helper.from_array(np.array(attribute.i, dtype=np.int64))
+    if attribute.name == "value_ints":
+        return numpy_helper.from_array(np.array(list(attribute.ints), dtype=np.int64))
+    return None  # sparse_value, value_string(s): left as nodes
+
+
+def fold_constant_nodes(graph: onnx.GraphProto, *, ir_version: int) -> int:
+    """Turns the graph's ``Constant`` nodes into initializers, in place.
+
+    Only the given graph is rewritten, not the subgraphs of If/Loop/Scan (they still see the new
+    initializers as outer-scope values). A Constant whose output is a graph output or already an
+    initializer or graph input is left alone, and so are ``sparse_value`` and ``value_string(s)``
+    Constants. Other nodes keep their order.
+
+    Args:
+        graph: The graph to rewrite.
+        ir_version: The model's IR version; below 4, initializers are also declared as graph
+            inputs, as that IR requires.
+
+    Returns:
+        The number of Constant nodes folded.
+    """
+    taken = {value.name for value in graph.output}
+    taken.update(tensor.name for tensor in graph.initializer)
+    taken.update(value.name for value in graph.input)
+    kept: list[onnx.NodeProto] = []
+    folded = 0
+    for node in graph.node:
+        output = node.output[0] if len(node.output) == 1 else ""
+        tensor = None
+        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and output:
+            tensor = _constant_value(node) if output not in taken else None
+        if tensor is None:
+            kept.append(node)
+            continue
+        tensor.name = output
+        graph.initializer.append(tensor)
+        if ir_version < 4:
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(output, tensor.data_type, list(tensor.dims))
+            )
+        taken.add(output)
+        folded += 1
+    if folded:
+        kept = [_copy_node(node) for node in kept]
+        del graph.node[:]
+        graph.node.extend(kept)
+    return folded
+
+
+def _copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+def assign_node_names(graph: onnx.GraphProto) -> int:
+    """Gives every node of the graph a unique, non-empty name, in place.
+
+    An unnamed node becomes ``"{op_type}_{index}"`` (its index in the graph); the second and
+    later nodes sharing a name get ``"_1"``, ``"_2"``... appended. The first holder of a name
+    keeps it, and no generated name takes a name some other node already has. Subgraph nodes
+    are left as they are.
+
+    Args:
+        graph: The graph to rename.
+
+    Returns:
+        The number of nodes renamed.
+    """
+    given = {node.name for node in graph.node if node.name}
+    used: set[str] = set()
+    renamed = 0
+    for index, node in enumerate(graph.node):
+        if node.name and node.name not in used:
+            used.add(node.name)
+            continue
+        base = node.name or f"{node.op_type}_{index}"
+        candidate, suffix = base, 1
+        while candidate in used or candidate in given:
+            candidate, suffix = f"{base}_{suffix}", suffix + 1
+        node.name = candidate
+        used.add(candidate)
+        renamed += 1
+    return renamed
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    """Returns the model's default-domain (``ai.onnx``) opset version.
+
+    Args:
+        model: The model.
+
+    Raises:
+        UnsupportedModelError: The model imports no default-domain opset.
+    """
+    for opset in model.opset_import:
+        if opset.domain in _DEFAULT_DOMAINS:
+            return int(opset.version)
+    raise UnsupportedModelError(
+        f"model '{model.graph.name}' has no default-domain (ai.onnx) opset import; re-export it "
+        "with an opset in the supported range"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None = None,
+    external_data: bool | None = None,
+) -> pathlib.Path:
+    """Writes a model atomically, with external data when it is too large for one file.
+
+    Args:
+        model: The model; it is not modified.
+        path: The destination ``.onnx`` file; its directory must exist.
+        input_path: The file the model was loaded from; saving over it is refused.
+        external_data: ``True`` writes tensors of 1 KiB or more to ``<name>.data`` beside the
+            model, ``False`` writes one file, ``None`` decides by the serialized size
+            (:data:`EXTERNAL_DATA_THRESHOLD`).
+
+    Returns:
+        The path of the written model.
+
+    Raises:
+        UsageError: ``path`` is ``input_path``, a directory, in a directory that does not exist,
+            or the model is too large for one file and ``external_data`` is ``False``.
+        OSError: Writing failed (the destination is then unchanged).
+    """
+    destination = _check_destination(pathlib.Path(path), input_path)
+    _require_in_memory(model, destination)
+    if external_data is None:
+        external_data = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+    elif not external_data and model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+        raise UsageError(
+            f"cannot save '{destination}' as one file: the model is {model.ByteSize()} bytes, "
+            "over protobuf's 2 GB limit; save it with external data"
+        )
+    if external_data:
+        _save_with_external_data(model, destination)
+    else:
+        _atomic_write(destination, lambda file: file.write(model.SerializeToString()))
+    return destination
+
+
+def _check_destination(path: pathlib.Path, input_path: str | os.PathLike | None) -> pathlib.Path:
+    if input_path is not None:
+        source = pathlib.Path(input_path)
+        if path.exists() and source.exists():
+            same = os.path.samefile(path, source)
+        else:
+            same = path.resolve() == source.resolve()
+        if same:
+            raise UsageError(
+                f"output path '{path}' is the input model '{source}'; idap-onnx never "
+                "overwrites its input, choose another output path"
+            )
+    if path.is_dir():
+        raise UsageError(f"output path '{path}' is a directory; give a file name ending in .onnx")
+    if not path.parent.is_dir():
+        raise UsageError(
+            f"cannot save '{path}': directory '{path.parent}' does not exist; create it first"
+        )
+    return path
+
+
+def _atomic_write(destination: pathlib.Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Writes via a temporary file in the destination directory, then renames it into place."""
+    temporary = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed and renamed below
+        delete=False, dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"
+    )
+    try:
+        with temporary as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary.name, _new_file_mode())  # NamedTemporaryFile creates it as 0o600
+        os.replace(temporary.name, destination)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary.name)
+        raise
+
+
+def _new_file_mode() -> int:
+    """The permissions ``open()`` would give a new file: 0o666 less the process umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _save_with_external_data(model: onnx.ModelProto, destination: pathlib.Path) -> None:
+    """Writes ``<name>.data`` (tensors of 1 KiB or more), then the model referencing it."""
+    location = f"{destination.name}.data"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+
+    def write_data(file: IO[bytes]) -> None:
+        offset = 0
+        for tensor in iter_tensors(copy):
+            if not tensor.HasField("raw_data"):
+                continue
+            data = tensor.raw_data
+            if len(data) < _EXTERNAL_TENSOR_MIN_BYTES:
+                continue
+            padding = -offset % _EXTERNAL_ALIGNMENT
+            file.write(b"\0" * padding)
+            offset += padding
+            file.write(data)
+            external_data_helper.set_external_data(tensor, location, offset, len(data))
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.ClearField("raw_data")
+            offset += len(data)
+
+    _atomic_write(destination.parent / location, write_data)
+    _atomic_write(destination, lambda file: file.write(copy.SerializeToString()))
+
+
+def _require_in_memory(model: onnx.ModelProto, destination: pathlib.Path) -> None:
+    for tensor in iter_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            raise UsageError(
+                f"cannot save '{destination}': tensor '{tensor.name}' still refers to external "
+                "data; load the model with idap_onnx.model_io.load_model"
+            )

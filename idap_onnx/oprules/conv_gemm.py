@@ -1,0 +1,156 @@
+"""Weighted ops: Conv, ConvTranspose, Gemm, MatMul with a constant weight, embedding Gather.
+
+Each *produces* a new space of channels (its output rows: ``W[c]`` and ``bias[c]``) and
+*consumes* the channels of its input (its input columns ``W[:, c]``). Depthwise Conv ties each
+output channel to its input channel; grouped Conv ties whole conv groups of inputs and outputs
+into units, so removal drops whole groups and rewrites ``group``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from idap_onnx.dependency import GROUP_ATTR, SLICE, AnalysisContext
+from idap_onnx.graph import attr
+from idap_onnx.layout import Layout
+from idap_onnx.oprules.base import register
+
+
+def _weight(node: onnx.NodeProto, ctx: AnalysisContext, i: int) -> np.ndarray | None:
+    if len(node.input) <= i or ctx.index.initializer_name(node.input[i]) is None:
+        return None
+    return ctx.const(node.input[i])
+
+
+def _produce(node: onnx.NodeProto, ctx: AnalysisContext, n: int, axis: int) -> Layout:
+    out = node.output[0]
+    lay = ctx.new_space(node, n, axis)
+    ctx.set(out, lay, np.zeros(n, dtype=bool))
+    return lay
+
+
+def _bias(node: onnx.NodeProto, ctx: AnalysisContext, i: int, n: int) -> None:
+    bias = _weight(node, ctx, i)
+    if bias is not None and bias.ndim >= 1 and bias.shape[-1] == n:
+        ctx.edit(SLICE, node, node.output[0], input=i, axis=bias.ndim - 1, role="producer")
+
+
+@register("Conv")
+def conv(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Conv: W [C_out, C_in/g, k...]; consumes W[:, c] (g = 1), produces W[c] and B[c].
+
+    Depthwise (g = C_in, C_out = m * C_in): output channel m*c+j is tied to input c.
+    Grouped (1 < g < C_in): conv group j of inputs and outputs is one unit.
+    """
+    x = node.input[0]
+    w = _weight(node, ctx, 1)
+    lay = ctx.layout(x)
+    if w is None:
+        ctx.decline(node, f"Conv '{node.name}': weight is not a constant")
+        return
+    if lay is not None and (lay.axis != 1 or lay.fold != 1):
+        ctx.decline(node, f"Conv '{node.name}': channels not on axis 1")
+        return
+    groups = int(attr(node, "group", 1))
+    c_out, c_in = int(w.shape[0]), int(w.shape[1]) * groups
+    if groups == 1:
+        if lay is not None:
+            ctx.sink(node, x)
+            ctx.edit(SLICE, node, x, input=1, axis=1, role="consumer")
+        out = _produce(node, ctx, c_out, 1)
+    elif lay is None:
+        out = _produce(node, ctx, c_out, 1)
+        ctx.fix(out, f"grouped Conv '{node.name}' reads untracked channels")
+        return
+    elif groups == c_in:
+        out = lay.take(np.repeat(np.arange(len(lay)), c_out // c_in))
+        ctx.set(node.output[0], out, np.zeros(len(out), dtype=bool))
+        ctx.produce(node, out)
+        ctx.consume(node, lay)
+        ctx.edit(GROUP_ATTR, node, x, extra=(1,))
+    else:
+        out = _produce(node, ctx, c_out, 1)
+        per_in, per_out = c_in // groups, c_out // groups
+        for j in range(groups):
+            ctx.tie([
+                (lay, np.arange(j * per_in, (j + 1) * per_in)),
+                (out, np.arange(j * per_out, (j + 1) * per_out)),
+            ])
+        ctx.sink(node, x)
+        ctx.edit(GROUP_ATTR, node, node.output[0], extra=(per_out,))
+    ctx.edit(SLICE, node, node.output[0], input=1, axis=0, role="producer")
+    _bias(node, ctx, 2, c_out)
+
+
+@register("ConvTranspose")
+def conv_transpose(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """ConvTranspose: W [C_in, C_out/g, k...]; consumes W[c], produces W[:, c] and B[c] (g = 1)."""
+    x = node.input[0]
+    w = _weight(node, ctx, 1)
+    lay = ctx.layout(x)
+    if w is None or int(attr(node, "group", 1)) != 1:
+        ctx.decline(node, f"ConvTranspose '{node.name}': grouped or non-constant weight")
+        return
+    if lay is not None:
+        if lay.axis != 1 or lay.fold != 1:
+            ctx.decline(node, f"ConvTranspose '{node.name}': channels not on axis 1")
+            return
+        ctx.sink(node, x)
+        ctx.edit(SLICE, node, x, input=1, axis=0, role="consumer")
+    _produce(node, ctx, int(w.shape[1]), 1)
+    ctx.edit(SLICE, node, node.output[0], input=1, axis=1, role="producer")
+    _bias(node, ctx, 2, int(w.shape[1]))
+
+
+@register("Gemm")
+def gemm(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Gemm: Y = A' B' + C with B constant; consumes B' rows (K), produces B' columns (N)."""
+    a = node.input[0]
+    w = _weight(node, ctx, 1)
+    lay = ctx.layout(a)
+    trans_a, trans_b = int(attr(node, "transA", 0)), int(attr(node, "transB", 0))
+    if w is None or w.ndim != 2:
+        ctx.decline(node, f"Gemm '{node.name}': B is not a constant matrix")
+        return
+    if lay is not None:
+        if lay.axis != (0 if trans_a else 1) or lay.fold != 1:
+            ctx.decline(node, f"Gemm '{node.name}': channels not on the K axis of A")
+            return
+        ctx.sink(node, a)
+        ctx.edit(SLICE, node, a, input=1, axis=1 if trans_b else 0, role="consumer")
+    n = int(w.shape[0] if trans_b else w.shape[1])
+    _produce(node, ctx, n, 1)
+    ctx.edit(SLICE, node, node.output[0], input=1, axis=0 if trans_b else 1, role="producer")
+    _bias(node, ctx, 2, n)
+
+
+def matmul_weight(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """MatMul X W with W [K, N] constant: consumes W[k, :], produces W[:, n]."""
+    x = node.input[0]
+    w = _weight(node, ctx, 1)
+    lay = ctx.layout(x)
+    rank = ctx.rank(x)
+    out_rank = ctx.rank(node.output[0])
+    if w is None or w.ndim != 2 or rank is None or out_rank is None:
+        ctx.decline(node, f"MatMul '{node.name}': weight is not a 2-D constant or rank unknown")
+        return
+    if lay is not None:
+        if lay.axis != rank - 1 or lay.fold != 1:
+            ctx.decline(node, f"MatMul '{node.name}': channels not on the last axis")
+            return
+        ctx.sink(node, x)
+        ctx.edit(SLICE, node, x, input=1, axis=0, role="consumer")
+    _produce(node, ctx, int(w.shape[1]), out_rank - 1)
+    ctx.edit(SLICE, node, node.output[0], input=1, axis=1, role="producer")
+
+
+def embedding(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Gather(table [V, D] constant, ids): produces the table's columns as channels."""
+    table = _weight(node, ctx, 0)
+    out_rank = ctx.rank(node.output[0])
+    if table is None or table.ndim != 2 or out_rank is None:
+        ctx.decline(node, f"Gather '{node.name}': table is not a 2-D constant")
+        return
+    _produce(node, ctx, int(table.shape[1]), out_rank - 1)
+    ctx.edit(SLICE, node, node.output[0], input=0, axis=1, role="producer")

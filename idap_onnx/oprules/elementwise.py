@@ -1,0 +1,164 @@
+"""Element-wise ops: unary activations pass channels through; binary ops couple their inputs.
+
+Zero preservation (``f(0) == 0``) decides exactness: Relu, Tanh, Gelu, HardSwish, SiLU
+(``x * sigmoid(x)``) keep a removed channel at zero; Sigmoid, HardSigmoid, Softplus, Exp do not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from idap_onnx.dependency import SLICE, AnalysisContext
+from idap_onnx.graph import attr
+from idap_onnx.layout import Layout
+from idap_onnx.oprules.base import register
+
+ZERO_PRESERVING = {
+    "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Tanh", "Gelu", "Erf", "HardSwish", "Mish",
+    "Neg", "Abs", "Sqrt", "Sign", "Identity", "Dropout", "Cast", "CastLike", "Floor", "Ceil",
+    "Round", "ThresholdedRelu", "Sin", "Asin", "Atan", "Sinh", "Asinh", "Atanh", "Tan",
+}  # fmt: skip
+NOT_ZERO_PRESERVING = {
+    "Sigmoid", "HardSigmoid", "Softplus", "Softsign", "Exp", "Log", "Reciprocal", "Cos",
+    "Cosh", "Acos", "Acosh", "Not", "IsNaN", "IsInf",
+}  # fmt: skip
+
+
+def passthrough(node: onnx.NodeProto, ctx: AnalysisContext, keeps_zero: bool = True) -> None:
+    """Output 0 carries input 0's channels unchanged (same axis)."""
+    lay = ctx.layout(node.input[0])
+    if lay is None:
+        return
+    nz = ctx.nonzero(node.input[0])
+    ctx.set(node.output[0], lay, nz if keeps_zero else np.ones_like(nz))
+
+
+@register(*sorted(ZERO_PRESERVING))
+def unary_zero_preserving(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Unary op with f(0) = 0: channels pass through and removed channels stay zero."""
+    passthrough(node, ctx)
+
+
+@register(*sorted(NOT_ZERO_PRESERVING))
+def unary(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Unary op with f(0) != 0: channels pass through; removed channels become non-zero."""
+    passthrough(node, ctx, keeps_zero=False)
+
+
+@register("Clip")
+def clip(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Clip: pass-through; keeps zero when 0 lies in [min, max] (attributes or inputs)."""
+    lo = attr(node, "min", None)
+    hi = attr(node, "max", None)
+    if len(node.input) > 1 and node.input[1]:
+        value = ctx.const(node.input[1])
+        lo = None if value is None else float(value)
+    if len(node.input) > 2 and node.input[2]:
+        value = ctx.const(node.input[2])
+        hi = None if value is None else float(value)
+    keeps = (lo is None or lo <= 0) and (hi is None or hi >= 0)
+    passthrough(node, ctx, keeps_zero=keeps)
+
+
+@register("PRelu")
+def prelu(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """PRelu(x, slope): pass-through; a per-channel slope is sliced with the channels."""
+    binary(node, ctx)
+
+
+def aligned(ctx: AnalysisContext, name: str, out_rank: int) -> Layout | None:
+    """The layout of input ``name`` with its axis numbered in the broadcast output's axes."""
+    lay = ctx.layout(name)
+    rank = ctx.rank(name)
+    if lay is None or rank is None:
+        return lay
+    shift = out_rank - rank
+    return lay.moved(lay.axis + shift, None if lay.inner is None else lay.inner + shift)
+
+
+def couple_inputs(
+    node: onnx.NodeProto, ctx: AnalysisContext, inputs: list[int], const_role: str = "producer"
+):
+    """Join the channels of the tracked ``inputs`` (numpy broadcasting); slice constants.
+
+    Returns ``(layout, tracked input indices)`` in output axes, or None when no input is
+    tracked. Inputs of size 1 on the channel axis broadcast; a constant of full size is a
+    per-channel parameter (sliced; zeroed by ``zero_units`` when ``const_role`` is
+    ``producer``); a non-constant untracked tensor of full size fixes the channels.
+    """
+    out_rank = ctx.rank(node.output[0])
+    if out_rank is None:
+        ctx.decline(node, f"{node.op_type} '{node.name}': output rank unknown")
+        return None
+    tracked = [i for i in inputs if ctx.layout(node.input[i]) is not None]
+    if not tracked:
+        return None
+    lays = {i: aligned(ctx, node.input[i], out_rank) for i in tracked}
+    base = lays[tracked[0]]
+    for i in tracked[1:]:
+        other = lays[i]
+        if other.axis != base.axis or len(other) != len(base) or other.fold != base.fold:
+            ctx.decline(node, f"{node.op_type} '{node.name}' combines unaligned channel axes")
+            return None
+        ctx.join(base, other)
+    for i in inputs:
+        name = node.input[i]
+        if i in lays or not name:
+            continue
+        shape = ctx.shape(name)
+        if shape is None:
+            ctx.fix(base, f"{node.op_type} '{node.name}': shape of '{name}' unknown")
+            continue
+        axis = base.axis - (out_rank - len(shape))
+        if axis < 0 or shape[axis] == 1:
+            continue
+        if ctx.index.initializer_name(name) is not None:
+            ctx.edit(SLICE, node, node.output[0], input=i, axis=axis, role=const_role)
+        else:
+            ctx.fix(base, f"{node.op_type} '{node.name}' combines channels with untracked '{name}'")
+    return base, tracked
+
+
+def binary(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Add/Sub/Max/Min/Sum/Mean/Where: inputs are coupled channel by channel; 0 + 0 = 0."""
+    res = couple_inputs(node, ctx, list(range(len(node.input))))
+    if res is None:
+        return
+    base, tracked = res
+    nz = np.zeros(len(base), dtype=bool)
+    for i in tracked:
+        nz |= ctx.nonzero(node.input[i])
+    ctx.set(node.output[0], base, nz)
+
+
+register("Add", "Sub", "Max", "Min", "Sum", "Mean", "Where")(binary)
+
+
+@register("Mul")
+def mul(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Mul: inputs coupled channel by channel (SE gating, SiLU); zero when either is zero."""
+    res = couple_inputs(node, ctx, [0, 1])
+    if res is None:
+        return
+    base, tracked = res
+    nz = np.ones(len(base), dtype=bool)
+    for i in tracked:
+        nz &= ctx.nonzero(node.input[i])
+    ctx.set(node.output[0], base, nz)
+
+
+@register("Div", "Pow")
+def div_pow(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Div/Pow: coupled like Add; zero is kept only through the numerator / base.
+
+    A per-channel divisor or exponent is sliced but never zeroed (x / 0 is not 0).
+    """
+    res = couple_inputs(node, ctx, [0, 1], const_role="consumer")
+    if res is None:
+        return
+    base, tracked = res
+    nz = ctx.nonzero(node.input[0]) if 0 in tracked else np.zeros(len(base), dtype=bool)
+    if 1 in tracked:
+        nz = np.ones(len(base), dtype=bool)
+    ctx.set(node.output[0], base, nz)

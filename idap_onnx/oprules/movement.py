@@ -1,0 +1,640 @@
+"""Data movement: Reshape, Flatten, Transpose, Squeeze/Unsqueeze, Concat, Split, Slice, Gather,
+Expand, Pad, Resize, Tile, Shape.
+
+These ops move the channel axis (Transpose), offset channels (Concat, Split, Slice), stride
+them (Flatten repeats each channel over H*W; a Reshape into heads folds ``head_dim`` channels
+into one element) or permute them (channel shuffle). The element arrays of ``Layout`` carry all
+of it, so the edits are only the constants that spell sizes: Reshape shapes, Split sizes, Slice
+bounds, Resize sizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from idap_onnx.dependency import RESHAPE_DIM, SLICE_BOUNDS, SPLIT_SIZES, AnalysisContext
+from idap_onnx.graph import attr
+from idap_onnx.layout import Layout, block_rows, concat, merge_axes, split_axis
+from idap_onnx.oprules.base import register
+from idap_onnx.oprules.conv_gemm import embedding
+from idap_onnx.oprules.elementwise import couple_inputs, passthrough
+
+
+def _axes(node: onnx.NodeProto, ctx: AnalysisContext, input_index: int) -> list[int] | None:
+    """Axes given as attribute (older opsets) or as a constant input (newer opsets)."""
+    axes = attr(node, "axes", None)
+    if axes is None and len(node.input) > input_index and node.input[input_index]:
+        value = ctx.const(node.input[input_index])
+        axes = None if value is None else [int(a) for a in np.atleast_1d(value)]
+    return None if axes is None else list(axes)
+
+
+def _moved(ctx: AnalysisContext, node: onnx.NodeProto, lay: Layout, mapping: dict[int, int]):
+    """Set output 0 to ``lay`` with axes renumbered by ``mapping`` (None: axis dropped)."""
+    axis = mapping.get(lay.axis)
+    inner = mapping.get(lay.inner) if lay.inner is not None else None
+    if axis is None or (lay.inner is not None and inner is None):
+        ctx.decline(node, f"{node.op_type} '{node.name}' removes the channel axis")
+        return
+    ctx.set(node.output[0], lay.moved(axis, inner), ctx.nonzero(node.input[0]))
+
+
+@register("Transpose")
+def transpose(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Transpose(perm): the channel axis a moves to perm.index(a)."""
+    lay = ctx.layout(node.input[0])
+    if lay is None:
+        return
+    rank = ctx.rank(node.input[0])
+    perm = attr(node, "perm", None) or list(reversed(range(rank or 0)))
+    _moved(ctx, node, lay, {int(p): i for i, p in enumerate(perm)})
+
+
+@register("Squeeze")
+def squeeze(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Squeeze(axes): axes after the channel axis shift down; squeezing it is declined."""
+    lay = ctx.layout(node.input[0])
+    rank = ctx.rank(node.input[0])
+    if lay is None or rank is None:
+        return
+    axes = _axes(node, ctx, 1)
+    if axes is None:
+        shape = ctx.shape(node.input[0]) or ()
+        axes = [i for i, d in enumerate(shape) if d == 1]
+    axes = sorted(a % rank for a in axes)
+    keep = [i for i in range(rank) if i not in axes]
+    _moved(ctx, node, lay, {a: i for i, a in enumerate(keep)})
+
+
+@register("Unsqueeze")
+def unsqueeze(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Unsqueeze(axes): the channel axis shifts past the inserted axes."""
+    lay = ctx.layout(node.input[0])
+    rank = ctx.rank(node.input[0])
+    axes = _axes(node, ctx, 1)
+    if lay is None or rank is None:
+        return
+    if axes is None:
+        ctx.decline(node, f"Unsqueeze '{node.name}': axes are not constant")
+        return
+    out_rank = rank + len(axes)
+    new = {a % out_rank for a in axes}
+    old = [i for i in range(out_rank) if i not in new]
+    _moved(ctx, node, lay, dict(enumerate(old)))
+
+
+def _match_ends(a: tuple, b: tuple) -> tuple[int, int]:
+    """Lengths of the equal leading and trailing parts of two shapes (known dims only)."""
+    lead = 0
+    while lead < min(len(a), len(b)) and a[lead] == b[lead] and a[lead] is not None:
+        lead += 1
+    trail = 0
+    while (
+        trail < min(len(a), len(b)) - lead
+        and a[-1 - trail] == b[-1 - trail]
+        and a[-1 - trail] is not None
+    ):
+        trail += 1
+    return lead, trail
+
+
+@register("Reshape", since=5)
+def reshape(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Reshape: equal leading/trailing dims keep the channel axis; the middle part merges
+    (Flatten, heads back to features) or splits (features into heads, channel shuffle) it.
+    Unit dims in the middle are ignored; the new channel dim in the target shape must be a
+    constant (rewritten), -1/0, or computed at run time from the channel dim itself."""
+    lay = ctx.layout(node.input[0])
+    if lay is None:
+        return
+    src, dst = ctx.shape(node.input[0]), ctx.shape(node.output[0])
+    if src is None or dst is None:
+        ctx.decline(node, f"Reshape '{node.name}': shapes unknown")
+        return
+    src = tuple(len(lay) if i == lay.axis else d for i, d in enumerate(src))
+    dst = _solve_unknown_dim(src, dst)
+    lead, trail = _match_ends(src, dst)
+    nz = ctx.nonzero(node.input[0])
+    if lay.axis < lead or lay.axis >= len(src) - trail:
+        axis = lay.axis if lay.axis < lead else lay.axis + len(dst) - len(src)
+        inner = lay.inner
+        if inner is not None:
+            if lead <= inner < len(src) - trail:
+                ctx.decline(node, f"Reshape '{node.name}' separates a head from its channels")
+                return
+            inner = inner if inner < lead else inner + len(dst) - len(src)
+        if _reshape_edit(node, ctx, axis):
+            ctx.set(node.output[0], lay.moved(axis, inner), nz)
+        return
+    mid_in, mid_out = list(src[lead : len(src) - trail]), list(dst[lead : len(dst) - trail])
+    if not all(isinstance(d, int) for d in mid_in + mid_out):
+        ctx.decline(node, f"Reshape '{node.name}': symbolic dims around the channel axis")
+        return
+    big_in = [i for i, d in enumerate(mid_in) if d != 1]
+    big_out = [i for i, d in enumerate(mid_out) if d != 1]
+    pos = lay.axis - lead
+    if len(big_out) == 1:
+        inner = None if lay.inner is None else lay.inner - lead
+        dims = [mid_in[i] for i in big_in]
+        if pos not in big_in or (inner is not None and inner not in big_in):
+            ctx.decline(node, f"Reshape '{node.name}': channel axis of size 1")
+            return
+        merged = merge_axes(lay, dims, big_in.index(pos), None if inner is None else big_in.index(inner))
+        flat_nz = Layout(0, nz.astype(np.int64), np.zeros(len(nz), np.int64))
+        merged_nz = merge_axes(flat_nz, dims, big_in.index(pos), None)
+        if merged is None:
+            ctx.decline(node, f"Reshape '{node.name}' merges a head without its channels")
+            return
+        axis = lead + big_out[0]
+        if _reshape_edit(node, ctx, axis):
+            ctx.set(node.output[0], merged.moved(axis), merged_nz.space.astype(bool))
+        return
+    if big_in == [pos] and lay.fold == 1:
+        res = split_axis(lay, [mid_out[i] for i in big_out])
+        if res is None:
+            ctx.decline(node, f"Reshape '{node.name}': unsupported split of the channel axis")
+            return
+        kind, new, at = res
+        if kind == "heads" and _unpacked_later(ctx, node.output[0], lead + big_out[at]):
+            kind, new, at = "rows", Layout(0, lay.space[: len(lay) // len(new)],
+                                           lay.chan[: len(lay) // len(new)]), new.inner
+        k = len(lay) // len(new)
+        if kind == "heads":
+            ctx.bundle(new)
+            new_nz = nz.reshape(-1, k).any(axis=1)
+            new = new.moved(lead + big_out[at], lead + big_out[new.inner])
+        elif kind == "rows":
+            rows = block_rows(lay, len(lay) // len(new))
+            for row in rows[1:]:
+                ctx.join(rows[0], row)
+            new_nz = nz.reshape(len(rows), -1).any(axis=0)
+            new = new.moved(lead + big_out[at])
+        else:
+            new_nz = nz.reshape(-1, k).any(axis=1) if kind == "unflatten" else nz
+            new = new.moved(lead + big_out[at])
+        if _reshape_edit(node, ctx, new.axis):
+            ctx.set(node.output[0], new, new_nz)
+        return
+    ctx.decline(node, f"Reshape '{node.name}': channel axis mixed with other dims")
+
+
+def _unpacked_later(ctx: AnalysisContext, name: str, axis: int) -> bool:
+    """True when axis ``axis`` of ``name`` is later indexed by Gather or Split (a packed
+    QKV projection ``[S, B, 3, D]`` being unpacked), seen through Transpose/Squeeze/Unsqueeze."""
+    for _ in range(8):
+        users = ctx.index.consumers.get(name, [])
+        if not users:
+            return False
+        user = users[0]
+        rank = ctx.rank(name) or 0
+        if user.op_type in ("Gather", "Split"):
+            return all(
+                u.op_type == user.op_type and int(attr(u, "axis", 0)) % rank == axis
+                for u in users
+            )
+        if len(users) != 1:
+            return False
+        if user.op_type == "Transpose":
+            perm = attr(user, "perm", None) or list(reversed(range(rank)))
+            axis = list(perm).index(axis)
+        elif user.op_type in ("Unsqueeze", "Squeeze"):
+            axes = _axes(user, ctx, 1) or []
+            out_rank = rank + len(axes) if user.op_type == "Unsqueeze" else rank - len(axes)
+            axes = sorted(a % (out_rank if user.op_type == "Unsqueeze" else rank) for a in axes)
+            if user.op_type == "Unsqueeze":
+                old = [i for i in range(out_rank) if i not in axes]
+                axis = old[axis]
+            else:
+                if axis in axes:
+                    return False
+                axis -= sum(1 for a in axes if a < axis)
+        else:
+            return False
+        name = user.output[0]
+    return False
+
+
+def _solve_unknown_dim(src: tuple, dst: tuple) -> tuple:
+    """Fill one unknown output dim from the element count (inference gives up on ``C // g``)."""
+    unknown = [i for i, d in enumerate(dst) if not isinstance(d, int)]
+    if len(unknown) != 1 or not all(isinstance(d, int) for d in src):
+        return dst
+    known = int(np.prod([d for d in dst if isinstance(d, int)]))
+    total = int(np.prod(src))
+    if known == 0 or total % known:
+        return dst
+    return tuple(total // known if i == unknown[0] else d for i, d in enumerate(dst))
+
+
+def _reshape_edit(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool:
+    """Record that shape[axis] must become the kept length; False (declined) when that
+    entry is computed at run time from something other than the channel dim itself."""
+    shape = ctx.const(node.input[1])
+    if shape is not None:
+        if int(shape[axis]) > 0:
+            ctx.edit(RESHAPE_DIM, node, node.output[0], input=1, axis=axis)
+        return True
+    piece = ctx.index.producer.get(node.input[1])
+    sizes = [] if piece is None or piece.op_type != "Concat" else [ctx.shape(p) for p in piece.input]
+    if not sizes or any(s is None or len(s) != 1 or not isinstance(s[0], int) for s in sizes):
+        ctx.decline(node, f"Reshape '{node.name}': target shape computed at run time")
+        return False
+    offsets = np.cumsum([0] + [s[0] for s in sizes])
+    i = int(np.searchsorted(offsets, axis, side="right") - 1)
+    value = ctx.const(piece.input[i])
+    if value is not None:
+        if int(np.atleast_1d(value)[axis - offsets[i]]) > 0:
+            ctx.edit(RESHAPE_DIM, piece, node.output[0], input=i, axis=int(axis - offsets[i]))
+        return True
+    if _channel_dim_of(ctx, piece.input[i]):
+        return True
+    ctx.decline(node, f"Reshape '{node.name}': channel dim computed at run time")
+    return False
+
+
+def _channel_dim_of(ctx: AnalysisContext, name: str) -> bool:
+    """True when ``name`` is ``Shape(x)[a]`` (optionally Unsqueezed, Cast, divided or
+    multiplied by a constant) with ``a`` the channel axis of ``x``: it follows the pruning."""
+    node = ctx.index.producer.get(name)
+    while node is not None and node.op_type in ("Unsqueeze", "Cast", "Div", "Mul", "Squeeze"):
+        if node.op_type in ("Div", "Mul") and ctx.const(node.input[1]) is None:
+            return False
+        node = ctx.index.producer.get(node.input[0])
+    if node is None or node.op_type != "Gather":
+        return False
+    shape_node = ctx.index.producer.get(node.input[0])
+    index = ctx.const(node.input[1])
+    if shape_node is None or shape_node.op_type != "Shape" or index is None or index.size != 1:
+        return False
+    lay = ctx.layout(shape_node.input[0])
+    return lay is not None and int(index.ravel()[0]) % (ctx.rank(shape_node.input[0]) or 1) == lay.axis
+
+
+@register("Flatten")
+def flatten(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Flatten(axis k): [d0..dk-1 | dk..] -> 2-D; a channel axis a >= k repeats over the
+    trailing dims of its part (c -> c * prod(d[a+1:]) + r)."""
+    lay = ctx.layout(node.input[0])
+    src = ctx.shape(node.input[0])
+    if lay is None:
+        return
+    k = int(attr(node, "axis", 1))
+    if src is None:
+        ctx.decline(node, f"Flatten '{node.name}': shape unknown")
+        return
+    k %= len(src) if k < 0 else len(src) + 1
+    part = list(src[k:])
+    if lay.axis < k or not all(isinstance(d, int) for d in part):
+        ctx.decline(node, f"Flatten '{node.name}': channel axis before the flatten axis")
+        return
+    inner = None if lay.inner is None else lay.inner - k
+    merged = merge_axes(lay, part, lay.axis - k, inner)
+    nz = ctx.nonzero(node.input[0])
+    merged_nz = merge_axes(Layout(0, nz.astype(np.int64), np.zeros(len(nz), np.int64)),
+                           part, lay.axis - k, None)
+    if merged is None:
+        ctx.decline(node, f"Flatten '{node.name}' merges a head without its channels")
+        return
+    ctx.set(node.output[0], merged.moved(1), merged_nz.space.astype(bool))
+
+
+@register("Concat")
+def concat_rule(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Concat on the channel axis offsets each input's channels; on another axis it couples
+    the inputs channel by channel like Add."""
+    rank = ctx.rank(node.output[0])
+    axis = int(attr(node, "axis", 0)) % (rank or 1)
+    tracked = [ctx.layout(i) for i in node.input if ctx.layout(i) is not None]
+    if not tracked:
+        return
+    if all(t.axis != axis for t in tracked):
+        res = couple_inputs(node, ctx, list(range(len(node.input))))
+        if res is not None:
+            base, ins = res
+            nz = np.zeros(len(base), dtype=bool)
+            for i in ins:
+                nz |= ctx.nonzero(node.input[i])
+            ctx.set(node.output[0], base, nz)
+        return
+    pieces, nzs = [], []
+    for name in node.input:
+        lay = ctx.layout(name)
+        shape = ctx.shape(name)
+        if lay is not None and lay.axis == axis:
+            pieces.append(lay)
+            nzs.append(ctx.nonzero(name))
+        elif lay is None and shape is not None and isinstance(shape[axis], int):
+            pieces.append(Layout.fixed(shape[axis], axis))
+            nzs.append(np.zeros(shape[axis], dtype=bool))
+        else:
+            ctx.decline(node, f"Concat '{node.name}': inputs with different channel axes")
+            return
+    out = concat(pieces, axis)
+    if out is None:
+        ctx.decline(node, f"Concat '{node.name}': heads concatenated with channels")
+        return
+    ctx.set(node.output[0], out, np.concatenate(nzs))
+
+
+@register("Split")
+def split(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Split on the channel axis gives each output its run of elements (sizes rewritten);
+    an implicit equal split ties the outputs element by element so they stay equal."""
+    lay = ctx.layout(node.input[0])
+    rank = ctx.rank(node.input[0])
+    if lay is None or rank is None:
+        return
+    axis = int(attr(node, "axis", 0)) % rank
+    nz = ctx.nonzero(node.input[0])
+    if axis != lay.axis:
+        if lay.inner == axis:
+            ctx.decline(node, f"Split '{node.name}' splits heads")
+            return
+        for out in node.output:
+            ctx.set(out, lay, nz)
+        return
+    sizes = attr(node, "split", None)
+    if sizes is None and len(node.input) > 1 and node.input[1]:
+        value = ctx.const(node.input[1])
+        if value is None:
+            ctx.decline(node, f"Split '{node.name}': sizes are not constant")
+            return
+        sizes = [int(v) for v in value]
+    explicit = sizes is not None
+    if sizes is None:
+        n = len(node.output)
+        sizes = [len(lay) // n] * n
+        if len(lay) % n:
+            ctx.decline(node, f"Split '{node.name}': uneven implicit split")
+            return
+    offsets = np.cumsum([0, *sizes])
+    parts = [np.arange(offsets[i], offsets[i + 1]) for i in range(len(sizes))]
+    for out, idx in zip(node.output, parts, strict=True):
+        ctx.set(out, lay.take(idx), nz[idx])
+    if explicit:
+        ctx.edit(SPLIT_SIZES, node, node.input[0], extra=tuple(node.output))
+    else:
+        for idx in parts[1:]:
+            ctx.join(lay.take(parts[0]), lay.take(idx))
+
+
+@register("Slice", since=10)
+def slice_rule(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Slice: on another axis the channels pass through; on the channel axis (step 1,
+    constant bounds) the output holds that run of elements and the bounds are rewritten."""
+    lay = ctx.layout(node.input[0])
+    shape = ctx.shape(node.input[0])
+    if lay is None or shape is None:
+        return
+    rank = len(shape)
+    starts, ends = ctx.const(node.input[1]), ctx.const(node.input[2])
+    axes = _axes(node, ctx, 3)
+    steps = ctx.const(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+    if axes is None:
+        axes = list(range(len(starts))) if starts is not None else None
+    if axes is None:
+        ctx.decline(node, f"Slice '{node.name}': axes are not constant")
+        return
+    axes = [a % rank for a in axes]
+    if lay.inner is not None and lay.inner in axes:
+        ctx.decline(node, f"Slice '{node.name}' slices within heads")
+        return
+    if lay.axis not in axes:
+        passthrough(node, ctx)
+        return
+    k = axes.index(lay.axis)
+    if (starts is None or ends is None) and len(axes) == 1 and steps is None:
+        _runtime_chunk(node, ctx, lay)
+        return
+    if starts is None or ends is None or (steps is not None and int(steps[k]) != 1):
+        ctx.decline(node, f"Slice '{node.name}': non-constant or strided slice of channels")
+        return
+    idx = np.arange(len(lay))[int(starts[k]) : int(ends[k])]
+    ctx.set(node.output[0], lay.take(idx), ctx.nonzero(node.input[0])[idx])
+    ctx.edit(SLICE_BOUNDS, node, node.input[0], axis=k, extra=(node.output[0],))
+
+
+def _runtime_chunk(node: onnx.NodeProto, ctx: AnalysisContext, lay: Layout) -> None:
+    """Slice bounds computed from the channel count (``torch.chunk``): the slice must be
+    chunk j of k equal chunks for every channel count the pruning can leave; the k chunks
+    are then tied element by element so they stay equal."""
+    n, x = len(lay), node.input[0]
+    bounds = [runtime_value(ctx, node.input[i], x, n) for i in (1, 2)]
+    if None in bounds:
+        ctx.decline(node, f"Slice '{node.name}': channel bounds computed at run time")
+        return
+    start, end = (max(0, min(b, n)) for b in bounds)
+    size = end - start
+    if size <= 0 or n % size or start % size:
+        ctx.decline(node, f"Slice '{node.name}': run-time bounds are not an equal chunk")
+        return
+    k, j = n // size, start // size
+    for m in range(1, size + 1):  # every count the tied chunks can be pruned to
+        got = [runtime_value(ctx, node.input[i], x, k * m) for i in (1, 2)]
+        if got != [j * m, min((j + 1) * m, 2**62) if bounds[1] < n else got[1]]:
+            ctx.decline(node, f"Slice '{node.name}': run-time bounds do not follow pruning")
+            return
+    chunks = [lay.take(np.arange(c * size, (c + 1) * size)) for c in range(k)]
+    for other in chunks[1:]:
+        ctx.join(chunks[0], other)
+    idx = np.arange(start, end)
+    ctx.set(node.output[0], lay.take(idx), ctx.nonzero(x)[idx])
+
+
+@register("Gather")
+def gather(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Gather: from a constant table it is an embedding (produces channels); on a tracked
+    tensor along another axis the channels pass through, shifted by the indices' rank."""
+    if ctx.index.initializer_name(node.input[0]) is not None and ctx.layout(node.input[1]) is None:
+        if int(attr(node, "axis", 0)) == 0:
+            embedding(node, ctx)
+        return
+    lay = ctx.layout(node.input[0])
+    rank = ctx.rank(node.input[0])
+    idx_rank = ctx.rank(node.input[1])
+    if lay is None or rank is None or idx_rank is None:
+        return
+    axis = int(attr(node, "axis", 0)) % rank
+    mapping = {a: (a if a < axis else a + idx_rank - 1) for a in range(rank) if a != axis}
+    _moved(ctx, node, lay, mapping)
+
+
+@register("Expand")
+def expand(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Expand: broadcasts to a shape of higher or equal rank; the channel axis shifts right."""
+    lay = ctx.layout(node.input[0])
+    rank, out_rank = ctx.rank(node.input[0]), ctx.rank(node.output[0])
+    if lay is None or rank is None or out_rank is None:
+        return
+    shift = out_rank - rank
+    _moved(ctx, node, lay, {a: a + shift for a in range(rank)})
+
+
+@register("Tile")
+def tile(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Tile: pass-through when the channel axis is repeated once."""
+    lay = ctx.layout(node.input[0])
+    reps = ctx.const(node.input[1])
+    if lay is None:
+        return
+    if reps is None or int(reps[lay.axis]) != 1:
+        ctx.decline(node, f"Tile '{node.name}' repeats the channel axis")
+        return
+    passthrough(node, ctx)
+
+
+@register("Pad", since=2)
+def pad(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Pad: pass-through when the channel axis is not padded; a non-zero constant value makes
+    removed channels non-zero."""
+    lay = ctx.layout(node.input[0])
+    rank = ctx.rank(node.input[0])
+    if lay is None or rank is None:
+        return
+    pads = attr(node, "pads", None)
+    if pads is None and len(node.input) > 1:
+        pads = ctx.const(node.input[1])
+    axes = _axes(node, ctx, 3) if ctx.opset >= 18 else None
+    axes = list(range(rank)) if axes is None else [a % rank for a in axes]
+    if pads is None:
+        ctx.decline(node, f"Pad '{node.name}': pads are not constant")
+        return
+    pads = [int(p) for p in pads]
+    n = len(axes)
+    if lay.axis in axes:
+        k = axes.index(lay.axis)
+        if pads[k] or pads[k + n]:
+            ctx.decline(node, f"Pad '{node.name}' pads the channel axis")
+            return
+    value = attr(node, "value", 0.0)
+    if len(node.input) > 2 and node.input[2]:
+        c = ctx.const(node.input[2])
+        value = 0.0 if c is None or c.size == 0 else float(np.asarray(c).ravel()[0])
+    mode = attr(node, "mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    passthrough(node, ctx, keeps_zero=(mode != "constant" or value == 0.0))
+
+
+@register("Resize", "Upsample")
+def resize(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Resize/Upsample: pass-through when the channel axis scale is 1; explicit ``sizes``
+    get the kept channel count."""
+    lay = ctx.layout(node.input[0])
+    if lay is None:
+        return
+    for i in range(1, len(node.input)):
+        value = ctx.const(node.input[i]) if node.input[i] else None
+        if value is None or value.size == 0 or value.ndim != 1:
+            continue
+        if value.dtype.kind == "f" and value.size == ctx.rank(node.input[0]):
+            if float(value[lay.axis]) != 1.0:
+                ctx.decline(node, f"{node.op_type} '{node.name}' scales the channel axis")
+                return
+        if value.dtype.kind == "i" and value.size == ctx.rank(node.input[0]) and i == 3:
+            ctx.edit(RESHAPE_DIM, node, node.output[0], input=i, axis=lay.axis)
+    passthrough(node, ctx)
+
+
+@register("Shape", "Size")
+def shape_of(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """Shape/Size read sizes only. Reading the channel dim is safe where the value feeds a
+    Reshape of the same tensor (``view(b, g, C // g, h, w)``: it follows the pruning); any
+    other use of the channel count (a shape spelled for another tensor) fixes the channels."""
+    lay = ctx.layout(node.input[0])
+    rank = ctx.rank(node.input[0])
+    if lay is None or rank is None:
+        return
+    if node.op_type == "Size":
+        ctx.fix(lay, f"Size '{node.name}' reads the channel count")
+        return
+    start = int(attr(node, "start", 0)) % (rank + 1) if attr(node, "start", 0) < 0 else int(
+        attr(node, "start", 0)
+    )
+    end = attr(node, "end", None)
+    end = rank if end is None else (int(end) % (rank + 1) if end < 0 else min(int(end), rank))
+    if not start <= lay.axis < end:
+        return
+    channel_pos = lay.axis - start
+    for user in ctx.index.consumers.get(node.output[0], []):
+        if not _shape_use_is_safe(ctx, user, channel_pos, end - start, node.input[0]):
+            ctx.fix(lay, f"{user.op_type} '{user.name}' uses the channel count of '{node.input[0]}'")
+            return
+
+
+def _shape_use_is_safe(ctx: AnalysisContext, user, pos: int, length: int, source: str) -> bool:
+    """True when ``user`` of a shape vector ignores entry ``pos`` or passes it only into the
+    Reshape target of ``source`` itself."""
+    if user.op_type == "Gather":
+        index = ctx.const(user.input[1])
+        if index is None:
+            return False
+        picked = {int(i) % length for i in np.atleast_1d(index)}
+        if pos not in picked:
+            return True
+        return _feeds_own_reshape(ctx, user.output[0], source)
+    if user.op_type == "Slice":
+        starts, ends = ctx.const(user.input[1]), ctx.const(user.input[2])
+        if starts is None or ends is None:
+            return False
+        return pos not in range(length)[int(starts[0]) : int(ends[0])]
+    return False
+
+
+def _feeds_own_reshape(ctx: AnalysisContext, name: str, source: str, depth: int = 0) -> bool:
+    """Every use of ``name`` reaches, through arithmetic with constants, the target shape of
+    a Reshape of ``source`` or the bounds of a Slice of ``source`` (both check the value)."""
+    users = ctx.index.consumers.get(name, [])
+    if not users or depth > 8:
+        return False
+    for user in users:
+        if user.op_type == "Concat":
+            reshapes = ctx.index.consumers.get(user.output[0], [])
+            ok = bool(reshapes) and all(
+                r.op_type == "Reshape" and r.input[0] == source and r.input[1] == user.output[0]
+                for r in reshapes
+            )
+        elif user.op_type == "Slice":
+            ok = user.input[0] == source and name in user.input[1:3]
+        elif user.op_type in _ARITH:
+            consts = [i for i in user.input if i != name]
+            ok = all(ctx.const(i) is not None for i in consts) and _feeds_own_reshape(
+                ctx, user.output[0], source, depth + 1
+            )
+        else:
+            ok = False
+        if not ok:
+            return False
+    return True
+
+
+_ARITH = ("Unsqueeze", "Squeeze", "Cast", "Add", "Sub", "Mul", "Div")
+
+
+def runtime_value(ctx: AnalysisContext, name: str, source: str, channels: int) -> int | None:
+    """Evaluate a scalar shape expression of ``Shape(source)[channel axis]`` at a channel
+    count ``channels``; None when ``name`` is anything else."""
+    value = ctx.const(name)
+    if value is not None:
+        return int(np.asarray(value).ravel()[0]) if value.size == 1 else None
+    node = ctx.index.producer.get(name)
+    if node is None:
+        return None
+    if node.op_type == "Gather":
+        shape = ctx.index.producer.get(node.input[0])
+        lay = ctx.layout(source)
+        index = ctx.const(node.input[1])
+        if shape is None or shape.op_type != "Shape" or shape.input[0] != source or lay is None:
+            return None
+        if index is None or int(np.asarray(index).ravel()[0]) != lay.axis:
+            return None
+        return channels
+    if node.op_type in ("Unsqueeze", "Squeeze", "Cast"):
+        return runtime_value(ctx, node.input[0], source, channels)
+    if node.op_type in ("Add", "Sub", "Mul", "Div"):
+        a = runtime_value(ctx, node.input[0], source, channels)
+        b = runtime_value(ctx, node.input[1], source, channels)
+        if a is None or b is None or (node.op_type == "Div" and b == 0):
+            return None
+        return {"Add": a + b, "Sub": a - b, "Mul": a * b, "Div": a // b}[node.op_type]
+    return None

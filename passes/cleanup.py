@@ -1,0 +1,57 @@
+"""Tidy a rewritten graph and check it: drop dead nodes and initializers, stale shapes.
+
+``finalize`` is the postcondition every rewrite ends with: no node whose outputs nobody reads
+(except graph outputs), no unused initializer, no stale ``value_info`` (the ONNX docs leave the
+result of inference over conflicting shapes unspecified), shapes re-inferred, and
+``onnx.checker.check_model(full_check=True)`` passing.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from idap_onnx.errors import SurgeryError
+from idap_onnx.shapes import infer_shapes
+
+
+def remove_dead(model: onnx.ModelProto) -> None:
+    """In place: drop nodes none of whose outputs is used, then unused initializers."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    changed = True
+    while changed:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        changed = bool(dead)
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input} | outputs
+    for sub in _subgraph_inputs(graph):
+        used.add(sub)
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+
+def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
+    names: set[str] = set()
+    for node in graph.node:
+        for a in node.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for g in subs:
+                names |= {i for n in g.node for i in n.input}
+    return names
+
+
+def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove dead parts, re-infer shapes from scratch and run the full checker."""
+    remove_dead(model)
+    del model.graph.value_info[:]
+    try:
+        model = infer_shapes(model)
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # the checker raises several types; all mean a broken rewrite
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SurgeryError(f"rewritten graph fails the ONNX checker: {first}") from exc
+    return model
