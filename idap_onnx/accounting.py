@@ -45,6 +45,7 @@ import onnx
 from onnx import helper, shape_inference
 
 from idap_onnx.errors import UsageError
+from idap_onnx.shapes import complete_shapes
 
 __all__ = ["ModelCost", "NodeCost", "format_count", "model_cost"]
 
@@ -189,6 +190,7 @@ def _inferred_shapes(
     _set_input_dims(light.graph, model.graph, input_shapes, default_dim)
     try:
         inferred = shape_inference.infer_shapes(light, data_prop=True)
+        inferred = complete_shapes(inferred)  # dims that data propagation leaves unknown
     except (shape_inference.InferenceError, onnx.checker.ValidationError):
         inferred = light  # best effort: the nodes whose shapes stay unknown are unresolved
     g = inferred.graph

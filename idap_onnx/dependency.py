@@ -61,7 +61,10 @@ class Space:
 
 @dataclass(frozen=True)
 class ChannelGroup:
-    """Coupled spaces; ``units[u]`` maps space id -> the channels unit u holds in that space."""
+    """Coupled spaces; ``units[u]`` maps space id -> the channels unit u holds in that space.
+
+    ``fixed[u]`` marks units that can never be removed; ``frozen_reasons`` says why.
+    """
 
     id: str
     spaces: tuple[int, ...]
@@ -91,7 +94,7 @@ class ChannelGroup:
 
 class _UnionFind:
     def __init__(self) -> None:
-        self.parent: list[int] = [0]  # element 0 is FIXED
+        self.parent: list[int] = [0]  # element 0 is unused
 
     def add(self, n: int) -> int:
         start = len(self.parent)
@@ -110,9 +113,7 @@ class _UnionFind:
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
-            if rb == 0:
-                ra, rb = rb, ra
-            self.parent[rb] = ra
+            self.parent[max(ra, rb)] = min(ra, rb)
 
 
 class AnalysisContext:
@@ -128,6 +129,7 @@ class AnalysisContext:
         self.producers: dict[int, set[str]] = defaultdict(set)
         self.consumers: dict[int, set[str]] = defaultdict(set)
         self.declined: dict[str, str] = {}
+        self.fixed: dict[int, str] = {}  # union-find element -> why it cannot be removed
 
     # -- reading -----------------------------------------------------------------------------
     @property
@@ -164,14 +166,20 @@ class AnalysisContext:
     def _ids(self, lay: Layout, e: int) -> list[int]:
         s = int(lay.space[e])
         if s == FIXED:
-            return [0]
+            return []
         base = self.spaces[s].offset + int(lay.chan[e])
         return list(range(base, base + lay.fold))
 
     def join(self, a: Layout, b: Layout) -> None:
-        """Channels at the same element of ``a`` and ``b`` are removed together."""
+        """Channels at the same element of ``a`` and ``b`` are removed together; a channel
+        at the same element as an untracked one (``FIXED``) can never be removed."""
         for e in range(len(a)):
-            ids = self._ids(a, e) + self._ids(b, e)
+            ids_a, ids_b = self._ids(a, e), self._ids(b, e)
+            if not ids_a or not ids_b:
+                for x in ids_a + ids_b:
+                    self.fixed.setdefault(x, "coupled with untracked channels")
+                continue
+            ids = ids_a + ids_b
             for x in ids[1:]:
                 self.uf.union(ids[0], x)
 
@@ -192,10 +200,7 @@ class AnalysisContext:
         """The channels of ``lay`` can never be removed, for ``reason``."""
         for e in range(len(lay)):
             for x in self._ids(lay, e):
-                self.uf.union(0, x)
-        for s in lay.spaces():
-            if reason not in self.spaces[s].reasons:
-                self.spaces[s].reasons.append(reason)
+                self.fixed.setdefault(x, reason)
 
     def inexact(self, lay: Layout, reason: str, where: np.ndarray | None = None) -> None:
         """Removing the channels of ``lay`` (at elements ``where``) changes the output."""
@@ -298,12 +303,8 @@ def analyze(model: onnx.ModelProto) -> DependencyGraph:
 
 
 def _groups(ctx: AnalysisContext) -> list[ChannelGroup]:
+    """Spaces sharing a union-find root form one group (a union-find over spaces)."""
     uf = ctx.uf
-    space_of_root: dict[int, set[int]] = defaultdict(set)
-    for s in ctx.spaces:
-        for c in range(s.n):
-            space_of_root[uf.find(s.offset + c)].add(s.id)
-    # spaces linked through a shared root belong to one group (union-find over spaces)
     parent = list(range(len(ctx.spaces)))
 
     def find(x: int) -> int:
@@ -312,39 +313,45 @@ def _groups(ctx: AnalysisContext) -> list[ChannelGroup]:
             x = parent[x]
         return x
 
-    for root, members in space_of_root.items():
-        if root == 0:
-            continue
-        first, *rest = sorted(members)
-        for m in rest:
-            parent[find(m)] = find(first)
+    owner: dict[int, int] = {}
+    for s in ctx.spaces:
+        for c in range(s.n):
+            root = uf.find(s.offset + c)
+            if root in owner:
+                a, b = find(owner[root]), find(s.id)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+            else:
+                owner[root] = s.id
     by_group: dict[int, list[int]] = defaultdict(list)
     for s in ctx.spaces:
         by_group[find(s.id)].append(s.id)
-    groups = []
-    for k, members in enumerate(sorted(by_group.values(), key=min)):
-        groups.append(_group(ctx, f"g{k}", members))
-    return groups
+    return [
+        _group(ctx, f"g{k}", members)
+        for k, members in enumerate(sorted(by_group.values(), key=min))
+    ]
 
 
 def _group(ctx: AnalysisContext, gid: str, members: list[int]) -> ChannelGroup:
     uf = ctx.uf
     unit_of_root: dict[int, dict[int, list[int]]] = {}
-    fixed_roots: dict[int, bool] = {}
+    fixed_roots: set[int] = set()
+    reasons: list[str] = []
     for s in members:
         space = ctx.spaces[s]
         for c in range(space.n):
-            root = uf.find(space.offset + c)
-            if root == 0:
-                root = -(space.offset + c) - 1  # each fixed channel is its own fixed unit
-                fixed_roots[root] = True
+            x = space.offset + c
+            root = uf.find(x)
             unit_of_root.setdefault(root, {}).setdefault(s, []).append(c)
+            if x in ctx.fixed:
+                fixed_roots.add(root)
+                reasons.append(ctx.fixed[x])
     units, fixed = [], []
     for root, chans in unit_of_root.items():
         units.append({s: np.asarray(c, dtype=np.int64) for s, c in chans.items()})
         fixed.append(root in fixed_roots)
     order = sorted(range(len(units)), key=lambda u: min((s, int(c[0])) for s, c in units[u].items()))
-    reasons = [r for s in members for r in ctx.spaces[s].reasons]
+    reasons += [r for s in members for r in ctx.spaces[s].reasons]
     inexact = [r for s in members for r in ctx.spaces[s].inexact]
     return ChannelGroup(
         gid,

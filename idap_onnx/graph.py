@@ -28,6 +28,7 @@ class GraphIndex:
         self.model = model
         self.graph = model.graph
         self.nodes: list[onnx.NodeProto] = list(model.graph.node)
+        self.node_by_name: dict[str, onnx.NodeProto] = {n.name: n for n in self.nodes}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in self.nodes:
@@ -113,10 +114,7 @@ class GraphIndex:
         return self.constant(name) is not None
 
     def node(self, name: str) -> onnx.NodeProto:
-        for node in self.nodes:
-            if node.name == name:
-                return node
-        raise KeyError(name)
+        return self.node_by_name[name]
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):

@@ -265,9 +265,7 @@ def complete_shapes(model: onnx.ModelProto, rounds: int = 40) -> onnx.ModelProto
             break
         for vi in work.graph.value_info:
             old = best.get(vi.name)
-            if old is None or _unknowns(_dims(vi.type.tensor_type.shape)) < _unknowns(
-                _dims(old.type.tensor_type.shape)
-            ):
+            if old is None or _vi_unknowns(vi) < _vi_unknowns(old):
                 best[vi.name] = vi
         now = _count_unknowns(best.values())
         if now >= unknown:
@@ -282,7 +280,13 @@ def complete_shapes(model: onnx.ModelProto, rounds: int = 40) -> onnx.ModelProto
 
 
 def _count_unknowns(infos) -> int:
-    return sum(_unknowns(_dims(vi.type.tensor_type.shape)) for vi in infos)
+    return sum(_vi_unknowns(vi) for vi in infos)
+
+
+def _vi_unknowns(vi: onnx.ValueInfoProto) -> int:
+    """Unknown dims of a value_info; a missing shape (unknown rank) counts as many."""
+    tt = vi.type.tensor_type
+    return _unknowns(_dims(tt.shape)) if tt.HasField("shape") else 1000
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -341,9 +345,7 @@ def _best_of(old: onnx.ModelProto, new: onnx.ModelProto) -> onnx.ModelProto:
     merged = []
     for vi in new.graph.value_info:
         prev = before.pop(vi.name, None)
-        if prev is not None and _unknowns(_dims(prev.type.tensor_type.shape)) < _unknowns(
-            _dims(vi.type.tensor_type.shape)
-        ):
+        if prev is not None and _vi_unknowns(prev) < _vi_unknowns(vi):
             vi = prev
         merged.append(vi)
     merged.extend(before.values())

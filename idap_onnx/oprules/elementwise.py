@@ -121,7 +121,9 @@ def couple_inputs(
 
 
 def binary(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
-    """Add/Sub/Max/Min/Sum/Mean/Where: inputs are coupled channel by channel; 0 + 0 = 0."""
+    """Add/Sub/Max/Min/Sum/Mean/Where: inputs are coupled channel by channel; 0 + 0 = 0,
+    but a broadcast operand (``x + 3`` in a decomposed HardSwish, an attention mask) makes
+    removed channels non-zero."""
     res = couple_inputs(node, ctx, list(range(len(node.input))))
     if res is None:
         return
@@ -129,7 +131,26 @@ def binary(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
     nz = np.zeros(len(base), dtype=bool)
     for i in tracked:
         nz |= ctx.nonzero(node.input[i])
+    if _adds_broadcast_value(node, ctx, tracked, base):
+        nz[:] = True
     ctx.set(node.output[0], base, nz)
+
+
+def _adds_broadcast_value(node: onnx.NodeProto, ctx: AnalysisContext, tracked, base) -> bool:
+    """True when an untracked operand broadcast over the channels is not a zero constant."""
+    out_rank = ctx.rank(node.output[0]) or 0
+    for i, name in enumerate(node.input):
+        if i in tracked or not name:
+            continue
+        shape = ctx.shape(name) or ()
+        axis = base.axis - (out_rank - len(shape))
+        per_channel = 0 <= axis < len(shape) and shape[axis] != 1
+        value = ctx.const(name)
+        if per_channel and ctx.index.initializer_name(name) is not None:
+            continue  # sliced and zeroed with the channels
+        if value is None or np.any(value != 0):
+            return True
+    return False
 
 
 register("Add", "Sub", "Max", "Min", "Sum", "Mean", "Where")(binary)

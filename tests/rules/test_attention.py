@@ -1,0 +1,355 @@
+"""MatMul between activations (``idap_onnx.oprules.attention``): heads on a batch axis couple
+Q, K and V head by head; channels on the contracted axis couple the operands; channels on M or
+N pass to the output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import (
+    analyze,
+    assert_declined,
+    assert_exact,
+    assert_frozen,
+    group_of,
+    init,
+    parse,
+)
+
+B, S, D, H, HD = 1, 5, 12, 3, 4
+
+
+def i64(*values: int) -> np.ndarray:
+    return np.array(values, np.int64)
+
+
+SPLIT_SHAPES = {
+    "constant heads": i64(0, 0, H, HD),
+    "-1 for heads": i64(0, 0, -1, HD),
+    "-1 for head_dim": i64(B, S, H, -1),
+}
+MERGE_SHAPES = {
+    "constant heads": i64(0, 0, D),
+    "-1 for heads": i64(0, 0, -1),
+    "-1 for head_dim": i64(B, S, D),
+}
+
+
+def mha(split_shape: np.ndarray, merge_shape: np.ndarray, opset: int = 17):
+    """Multi-head self-attention on x [B,S,D] with H heads of HD channels."""
+    return parse(
+        f"""
+        g (float[{B},{S},{D}] x) => (float[{B},{S},{D}] y) {{
+            q = MatMul(x, Wq)
+            k = MatMul(x, Wk)
+            v = MatMul(x, Wv)
+            qb = Add(q, Bq)
+            qh = Reshape(qb, split)
+            kh = Reshape(k, split)
+            vh = Reshape(v, split)
+            qt = Transpose<perm=[0,2,1,3]>(qh)
+            kt = Transpose<perm=[0,2,3,1]>(kh)
+            vt = Transpose<perm=[0,2,1,3]>(vh)
+            scores = MatMul(qt, kt)
+            scaled = Div(scores, scale)
+            probs = Softmax<axis=-1>(scaled)
+            ctx = MatMul(probs, vt)
+            ct = Transpose<perm=[0,2,1,3]>(ctx)
+            merged = Reshape(ct, merge)
+            o = MatMul(merged, Wo)
+            y = Add(o, Bo)
+        }}""",
+        opset,
+        Wq=(D, D),
+        Wk=(D, D),
+        Wv=(D, D),
+        Bq=(D,),
+        Wo=(D, D),
+        Bo=(D,),
+        split=split_shape,
+        merge=merge_shape,
+        scale=np.array(np.sqrt(HD), np.float32),
+    )
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+@pytest.mark.parametrize("style", list(SPLIT_SHAPES))
+def test_multi_head_attention_prunes_whole_heads_exactly(style, opset):
+    model = mha(SPLIT_SHAPES[style], MERGE_SHAPES[style], opset)
+    graph = analyze(model)
+    group = group_of(graph, "q")
+    assert group.producers == ("k", "q", "v")
+    assert group.size == H  # one unit per head: its Q, K and V channels
+    assert set(group.consumers) >= {"o"}
+    for unit, head in zip(group.units, range(H), strict=True):
+        for chans in unit.values():
+            assert sorted(chans.tolist()) == list(range(head * HD, (head + 1) * HD))
+    pruned = assert_exact(model, {"q": [1]})
+    assert init(pruned, "q:1").shape == (D, D - HD)
+    assert init(pruned, "o:1").shape == (D - HD, D)
+    assert init(pruned, "qb:1").shape == (D - HD,)
+
+
+def test_attention_heads_rewrite_constant_shapes():
+    model = mha(SPLIT_SHAPES["constant heads"], MERGE_SHAPES["constant heads"])
+    pruned = assert_exact(model, {"k": [0, 2]})
+    assert init(pruned, "qh:1").tolist() == [0, 0, 1, HD]
+    assert init(pruned, "merged:1").tolist() == [0, 0, HD]
+
+
+def test_attention_output_projection_is_its_own_group():
+    model = mha(SPLIT_SHAPES["constant heads"], MERGE_SHAPES["constant heads"])
+    assert_frozen(analyze(model), "o", "reaches graph output 'y'")
+
+
+def single_head_attention():
+    return parse(
+        f"""
+        g (float[{B},{S},{D}] x) => (float[{B},{S},{D}] y) {{
+            q = MatMul(x, Wq)
+            k = MatMul(x, Wk)
+            v = MatMul(x, Wv)
+            kt = Transpose<perm=[0,2,1]>(k)
+            scores = MatMul(q, kt)
+            probs = Softmax<axis=-1>(scores)
+            ctx = MatMul(probs, v)
+            y = MatMul(ctx, Wo)
+        }}""",
+        Wq=(D, 6),
+        Wk=(D, 6),
+        Wv=(D, 7),
+        Wo=(7, D),
+    )
+
+
+def test_single_head_qk_channels_are_contracted_together():
+    model = single_head_attention()
+    graph = analyze(model)
+    qk = group_of(graph, "q")
+    assert qk.producers == ("k", "q") and qk.size == 6
+    assert "scores" in qk.consumers
+    assert_exact(model, {"q": [0, 5]})
+
+
+def test_single_head_v_channels_pass_to_the_context():
+    model = single_head_attention()
+    graph = analyze(model)
+    assert graph.layouts["ctx"].axis == 2
+    assert group_of(graph, "v").consumers == ("y",)
+    assert_exact(model, {"v": [3]})
+
+
+# -- declines ---------------------------------------------------------------------------------
+
+
+def test_contracted_channels_on_one_side_only_declines():
+    model = parse(
+        f"""
+        g (float[{B},{S},{D}] x, float[{B},6,{S}] kt) => (float[{B},{S},{S}] y) {{
+            q = MatMul(x, Wq)
+            y = MatMul(q, kt)
+        }}""",
+        Wq=(D, 6),
+    )
+    graph = analyze(model)
+    assert_declined(graph, "y", "contracted channels on one side only")
+    assert_frozen(graph, "q", "one side only")
+
+
+def test_channels_on_both_output_axes_decline():
+    model = parse(
+        f"""
+        g (float[{B},{S},{D}] x) => (float[{B},6,7] y) {{
+            a = MatMul(x, Wa)
+            b = MatMul(x, Wb)
+            at = Transpose<perm=[0,2,1]>(a)
+            y = MatMul(at, b)
+        }}""",
+        Wa=(D, 6),
+        Wb=(D, 7),
+    )
+    assert_declined(analyze(model), "y", "channels on two output axes")
+
+
+def test_heads_batched_with_an_untracked_tensor_are_fixed():
+    model = parse(
+        f"""
+        g (float[{B},{S},{D}] x, float[{B},{H},{HD},{S}] kt) => (float[{B},{H},{S},{S}] y) {{
+            q = MatMul(x, Wq)
+            qh = Reshape(q, split)
+            qt = Transpose<perm=[0,2,1,3]>(qh)
+            y = MatMul(qt, kt)
+        }}""",
+        Wq=(D, D),
+        split=SPLIT_SHAPES["constant heads"],
+    )
+    assert_frozen(analyze(model), "q", "batches channels with untracked 'kt'")
+
+
+def test_contracting_within_heads_declines():
+    model = parse(
+        f"""
+        g (float[{B},{S},{D}] x, float[{B},{S},{HD},2] w) => (float[{B},{S},{H},2] y) {{
+            q = MatMul(x, Wq)
+            qh = Reshape(q, split)
+            y = MatMul(qh, w)
+        }}""",
+        Wq=(D, D),
+        split=SPLIT_SHAPES["constant heads"],
+    )
+    assert_declined(analyze(model), "y", "contracts within heads")
+
+
+def test_matmul_with_a_1d_operand_declines():
+    model = parse(
+        f"""
+        g (float[{B},{S},{D}] x, float[6] w) => (float[{B},{S}] y) {{
+            q = MatMul(x, Wq)
+            y = MatMul(q, w)
+        }}""",
+        Wq=(D, 6),
+    )
+    assert_declined(analyze(model), "y", "1-D operand")
+
+
+# -- other attention spellings ----------------------------------------------------------------
+
+
+def test_packed_qkv_projection_split_into_heads():
+    model = parse(
+        f"""
+        g (float[{B},{S},{D}] x) => (float[{B},{S},{D}] y) {{
+            qkv = MatMul(x, Wqkv)
+            q, k, v = Split<axis=2>(qkv, sizes)
+            qh = Reshape(q, split)
+            kh = Reshape(k, split)
+            vh = Reshape(v, split)
+            qt = Transpose<perm=[0,2,1,3]>(qh)
+            kt = Transpose<perm=[0,2,3,1]>(kh)
+            vt = Transpose<perm=[0,2,1,3]>(vh)
+            scores = MatMul(qt, kt)
+            probs = Softmax<axis=-1>(scores)
+            ctx = MatMul(probs, vt)
+            ct = Transpose<perm=[0,2,1,3]>(ctx)
+            merged = Reshape(ct, merge)
+            y = MatMul(merged, Wo)
+        }}""",
+        13,
+        Wqkv=(D, 3 * D),
+        Wo=(D, D),
+        sizes=i64(D, D, D),
+        split=SPLIT_SHAPES["constant heads"],
+        merge=MERGE_SHAPES["constant heads"],
+    )
+    group = group_of(analyze(model), "qkv")
+    assert group.size == H
+    # head 1 holds its Q, K and V columns of the one packed projection
+    (chans,) = group.units[1].values()
+    assert chans.tolist() == [4, 5, 6, 7, 16, 17, 18, 19, 28, 29, 30, 31]
+    pruned = assert_exact(model, {"qkv": [1]})
+    assert init(pruned, "q:1").tolist() == [D - HD] * 3
+    assert init(pruned, "qkv:1").shape == (D, 3 * (D - HD))
+
+
+def test_attention_with_run_time_batch_and_length_dims():
+    # HF: q.view(bsz, q_len, num_heads, head_dim) with bsz, q_len read from Shape(x)
+    model = parse(
+        f"""
+        g (float[{B},{S},{D}] x) => (float[{B},{S},{D}] y) {{
+            q = MatMul(x, Wq)
+            k = MatMul(x, Wk)
+            v = MatMul(x, Wv)
+            sx = Shape(x)
+            b = Gather(sx, i0)
+            s = Gather(sx, i1)
+            b1 = Unsqueeze(b, ax0)
+            s1 = Unsqueeze(s, ax0)
+            split = Concat<axis=0>(b1, s1, nh, hd)
+            qh = Reshape(q, split)
+            kh = Reshape(k, split)
+            vh = Reshape(v, split)
+            qt = Transpose<perm=[0,2,1,3]>(qh)
+            kt = Transpose<perm=[0,2,3,1]>(kh)
+            vt = Transpose<perm=[0,2,1,3]>(vh)
+            scores = MatMul(qt, kt)
+            probs = Softmax<axis=-1>(scores)
+            ctx = MatMul(probs, vt)
+            ct = Transpose<perm=[0,2,1,3]>(ctx)
+            merge = Concat<axis=0>(b1, s1, dm)
+            merged = Reshape(ct, merge)
+            y = MatMul(merged, Wo)
+        }}""",
+        13,
+        Wq=(D, D),
+        Wk=(D, D),
+        Wv=(D, D),
+        Wo=(D, D),
+        i0=np.array(0, np.int64),
+        i1=np.array(1, np.int64),
+        ax0=i64(0),
+        nh=i64(H),
+        hd=i64(HD),
+        dm=i64(D),
+    )
+    group = group_of(analyze(model), "q")
+    assert group.size == H and not group.frozen
+    pruned = assert_exact(model, {"q": [0, 2]})
+    assert init(pruned, "split:2").tolist() == [1]
+    assert init(pruned, "merge:2").tolist() == [HD]
+
+
+# -- heads that other ops would cut apart ------------------------------------------------------
+
+
+def heads_then(lines: str, out: str, opset: int = 13, **inits):
+    """x [1,5,12] -> MatMul 'q' -> Reshape 'qh' [1,5,3,4] (3 heads of 4) -> <lines: y = ...>."""
+    return parse(
+        f"""
+        g (float[{B},{S},{D}] x) => (float[{out}] y) {{
+            q = MatMul(x, Wq)
+            qh = Reshape(q, split)
+            {lines}
+        }}""",
+        opset,
+        Wq=(D, D),
+        split=SPLIT_SHAPES["constant heads"],
+        **inits,
+    )
+
+
+def test_slice_within_heads_declines():
+    # RoPE-style x[..., : head_dim // 2]
+    model = heads_then("y = Slice(qh, zero, two, last)", f"{B},{S},{H},2",
+                       zero=i64(0), two=i64(2), last=i64(3))  # fmt: skip
+    graph = analyze(model)
+    assert graph.layouts["qh"].fold == HD and graph.layouts["qh"].inner == 3
+    assert_declined(graph, "y", "slices within heads")
+
+
+def test_split_within_heads_declines():
+    model = parse(
+        f"""
+        g (float[{B},{S},{D}] x) => (float[{B},{S},{H},2] y, float[{B},{S},{H},2] z) {{
+            q = MatMul(x, Wq)
+            qh = Reshape(q, split)
+            y, z = Split<axis=3>(qh)
+        }}""",
+        13,
+        Wq=(D, D),
+        split=SPLIT_SHAPES["constant heads"],
+    )
+    assert_declined(analyze(model), "y", "splits heads")
+
+
+def test_reshape_separating_a_head_from_its_channels_declines():
+    model = heads_then(
+        "t = Transpose<perm=[0,2,1,3]>(qh)\n y = Reshape(t, shape)",
+        f"{B},{H},{S * HD}",
+        shape=i64(B, H, S * HD),
+    )
+    assert_declined(analyze(model), "y", "separates a head from its channels")
+
+
+def test_reshape_merging_heads_with_tokens_declines():
+    model = heads_then("y = Reshape(qh, shape)", f"{B},{S * H},{HD}", shape=i64(B, S * H, HD))
+    assert_declined(analyze(model), "y", "Reshape 'y'")
