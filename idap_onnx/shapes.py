@@ -252,13 +252,17 @@ def complete_shapes(model: onnx.ModelProto, rounds: int = 40) -> onnx.ModelProto
     """
     import onnx_graphsurgeon as gs
 
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.CRITICAL
     work = _skeleton(model)
     best = {vi.name: vi for vi in model.graph.value_info}
     unknown = _count_unknowns(best.values())
     for _ in range(rounds):
         try:
             graph = gs.import_onnx(work)
-            graph.fold_constants(fold_shapes=True, flatten_subgraphs=False)
+            graph.fold_constants(
+                fold_shapes=True, flatten_subgraphs=False, partitioning="basic",
+                size_threshold=1 << 20,
+            )
             graph.cleanup()
             work = onnx.shape_inference.infer_shapes(gs.export_onnx(graph), data_prop=True)
         except Exception:  # folding is a best effort; the shapes found so far remain

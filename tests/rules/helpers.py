@@ -113,10 +113,6 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-def n_params(model: onnx.ModelProto) -> int:
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-
-
 def constant_sizes(model: onnx.ModelProto) -> dict[tuple[str, int], int]:
     """(node name, input index) -> element count, for every initializer a node reads."""
     sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}

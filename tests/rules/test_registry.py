@@ -10,7 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import analyze, assert_declined, assert_exact, assert_frozen, group_of, parse
+from helpers import (
+    analyze,
+    assert_declined,
+    assert_exact,
+    assert_frozen,
+    group_of,
+    parse,
+    random_feeds,
+    rel_l2,
+    resolve,
+    run,
+)
+from idap_onnx.passes.prune_channels import prune_channels, zero_units
 
 from idap_onnx.oprules import RULES, lookup
 
@@ -153,3 +165,28 @@ def test_a_chain_ending_in_an_exact_consumer_is_prunable():
     )
     assert group_of(analyze(model), "a").prunable_units == [0, 1, 2, 3]
     assert_exact(model, {"a": [0, 1, 2]})
+
+
+# -- the harness itself -----------------------------------------------------------------------
+
+
+def test_pruned_and_zeroed_differ_where_the_group_is_inexact():
+    # the comparison assert_exact makes has teeth: through a Sigmoid the removed channels read
+    # sigmoid(0) = 0.5 in the zeroed model, which the pruned model drops
+    model = parse(
+        """
+        g (float[1,3,6,6] x) => (float[1,5,6,6] z) {
+            a = Conv(x, W1, B1)
+            s = Sigmoid(a)
+            z = Conv(s, W2)
+        }""",
+        W1=(4, 3, 1, 1),
+        B1=(4,),
+        W2=(5, 4, 1, 1),
+    )
+    graph = analyze(model)
+    removal = resolve(graph, {"a": [1]})
+    feeds = random_feeds(model)
+    (pruned,) = run(prune_channels(model, removal, graph=graph), feeds)
+    (zeroed,) = run(zero_units(model, removal, graph=graph), feeds)
+    assert rel_l2(pruned, zeroed) > 1e-3
