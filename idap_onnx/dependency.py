@@ -130,6 +130,7 @@ class AnalysisContext:
         self.consumers: dict[int, set[str]] = defaultdict(set)
         self.declined: dict[str, str] = {}
         self.fixed: dict[int, str] = {}  # union-find element -> why it cannot be removed
+        self.deferred: list[tuple[str, str, str]] = []
 
     # -- reading -----------------------------------------------------------------------------
     @property
@@ -217,6 +218,26 @@ class AnalysisContext:
         if nz.any():
             self.inexact(lay, f"{node.op_type} '{node.name}' reads non-zero removed channels", nz)
 
+    def same_channels_later(self, source: str, other: str, where: str) -> None:
+        """After the analysis, ``other`` must hold the same units as ``source`` element by
+        element (a shape read from one tensor spells the other's channel count)."""
+        self.deferred.append((source, other, where))
+
+    def check_deferred(self) -> None:
+        for source, other, where in self.deferred:
+            a, b = self.layouts.get(source), self.layouts.get(other)
+            same = a is not None and b is not None and len(a) == len(b) and a.fold == b.fold
+            if same:
+                for e in range(len(a)):
+                    ids_a, ids_b = self._ids(a, e), self._ids(b, e)
+                    if not ids_a or not ids_b or self.uf.find(ids_a[0]) != self.uf.find(ids_b[0]):
+                        same = False
+                        break
+            if not same:
+                for lay in (a, b):
+                    if lay is not None:
+                        self.fix(lay, f"{where} is shaped by the channel count of '{source}'")
+
     def consume(self, node: onnx.NodeProto, lay: Layout) -> None:
         for s in lay.spaces():
             self.consumers[s].add(node.name)
@@ -271,13 +292,20 @@ def analyze_model(
 ) -> DependencyGraph:
     """Infer shapes with concrete input dims (symbolic ones filled in) and ``analyze``.
 
-    The edits refer to node and initializer names only, so they apply to ``model`` itself,
-    whose symbolic dims stay symbolic.
+    Shapes that static inference and shape folding leave unknown are measured by running the
+    model once in ONNX Runtime on dummy inputs (``shapes.probe_shapes``). The edits refer to
+    node and initializer names only, so they apply to ``model`` itself, whose symbolic dims
+    stay symbolic.
     """
-    from idap_onnx.shapes import complete_shapes, concrete_input_shapes, infer_shapes
+    from idap_onnx.shapes import (
+        complete_shapes,
+        concrete_input_shapes,
+        infer_shapes,
+        probe_shapes,
+    )
 
-    shaped = infer_shapes(model, concrete_input_shapes(model, input_shapes))
-    return analyze(complete_shapes(shaped))
+    shaped = complete_shapes(infer_shapes(model, concrete_input_shapes(model, input_shapes)))
+    return analyze(probe_shapes(shaped))
 
 
 def analyze(model: onnx.ModelProto) -> DependencyGraph:
@@ -293,6 +321,7 @@ def analyze(model: onnx.ModelProto) -> DependencyGraph:
                 ctx.decline(node, f"no rule for op {node.domain or 'ai.onnx'}.{node.op_type}")
             continue
         rule.fn(node, ctx)
+    ctx.check_deferred()
     for out in ctx.index.output_names:
         lay = ctx.layout(out)
         if lay is not None:

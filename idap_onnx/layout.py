@@ -126,7 +126,8 @@ def split_axis(lay: Layout, dims: list[int]) -> tuple[str, Layout, int] | None:
     if same_space and (chan == chan[:, :1]).all():
         return "unflatten", Layout(0, space[:, 0].copy(), chan[:, 0].copy()), outer
     run = chan[:, :1] + np.arange(k)
-    if same_space and (chan == run).all() and (chan[:, 0] % k == 0).all():
+    one_space = bool((space == space[0, 0]).all())
+    if one_space and (chan == run).all() and (chan[:, 0] % k == 0).all():
         if not (space[:, 0] == FIXED).any():
             heads = Layout(0, space[:, 0].copy(), chan[:, 0].copy(), fold=k, inner=inner)
             return "heads", heads, outer

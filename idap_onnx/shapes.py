@@ -252,19 +252,16 @@ def complete_shapes(model: onnx.ModelProto, rounds: int = 40) -> onnx.ModelProto
     """
     import onnx_graphsurgeon as gs
 
+    import onnxruntime as ort
+
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.CRITICAL
+    ort.set_default_logger_severity(4)  # folding tries partitions that ORT rejects, loudly
     work = _skeleton(model)
     best = {vi.name: vi for vi in model.graph.value_info}
     unknown = _count_unknowns(best.values())
     for _ in range(rounds):
         try:
-            graph = gs.import_onnx(work)
-            graph.fold_constants(
-                fold_shapes=True, flatten_subgraphs=False, partitioning="basic",
-                size_threshold=1 << 20,
-            )
-            graph.cleanup()
-            work = onnx.shape_inference.infer_shapes(gs.export_onnx(graph), data_prop=True)
+            work = _fold_once(gs, work)
         except Exception:  # folding is a best effort; the shapes found so far remain
             break
         for vi in work.graph.value_info:
@@ -281,6 +278,84 @@ def complete_shapes(model: onnx.ModelProto, rounds: int = 40) -> onnx.ModelProto
     del out.graph.value_info[:]
     out.graph.value_info.extend(vi for name, vi in best.items() if name in names)
     return _solve_reshapes(out)
+
+
+def _fold_once(gs, model: onnx.ModelProto) -> onnx.ModelProto:
+    """One onnx-graphsurgeon shape fold and re-inference; partitioned when a plain fold fails."""
+    for partitioning in (None, "basic"):
+        graph = gs.import_onnx(model)
+        try:
+            graph.fold_constants(
+                fold_shapes=True, flatten_subgraphs=False, partitioning=partitioning,
+                size_threshold=1 << 20, error_ok=False,
+            )
+        except Exception:
+            if partitioning:
+                raise
+            continue
+        graph.cleanup()
+        return onnx.shape_inference.infer_shapes(gs.export_onnx(graph), data_prop=True)
+    raise RuntimeError("unreachable")
+
+
+def probe_shapes(model: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:
+    """Measure the shapes static inference leaves unknown by running ``model`` once.
+
+    ``model``'s graph inputs must have concrete dims. Float inputs get N(0, 1) values,
+    integer inputs zeros (ones for names containing ``mask``); the tensors whose shapes are
+    still unknown (attention masks built with Range/Expand, mostly) are exposed as outputs
+    and their measured shapes written into a copy's ``value_info``.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    known = tensor_shapes(model)
+    produced = [o for n in model.graph.node for o in n.output if o]
+    unknown = [t for t in produced if t not in known or _unknowns(known[t])][:limit]
+    if not unknown:
+        return model
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    for name in unknown:
+        if name not in outputs:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    feeds = {}
+    rng = np.random.default_rng(0)
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
+        else:
+            fill = 1 if "mask" in vi.name.lower() else 0
+            feeds[vi.name] = np.full(dims, fill, dtype=dtype)
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(
+            probe.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+        names = [o.name for o in sess.get_outputs()]
+        values = sess.run(None, feeds)
+    except Exception:  # a best effort: the shapes stay unknown
+        return model
+    measured = {n: v.shape for n, v in zip(names, values, strict=True) if n in unknown}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    infos = {vi.name: vi for vi in out.graph.value_info}
+    for name, shape in measured.items():
+        vi = infos.get(name)
+        if vi is None:
+            continue
+        del vi.type.tensor_type.shape.dim[:]
+        for d in shape:
+            vi.type.tensor_type.shape.dim.add().dim_value = int(d)
+    return out
 
 
 def _count_unknowns(infos) -> int:

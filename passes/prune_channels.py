@@ -111,20 +111,56 @@ class _Constants:
         if key in self.private:
             return self.arrays[self.private[key]]
         name = self.nodes[node_name].input[i]
-        init = self.index.initializer_name(name)
-        if init is None:
+        value = self.index.constant(name)
+        if value is None:
             raise SurgeryError(f"node '{node_name}' input {i} is not a constant")
-        return self.index.constant(init)
+        return value
 
     def set(self, node_name: str, i: int, value: np.ndarray) -> None:
         key = (node_name, i)
         node = self.nodes[node_name]
         if key not in self.private:
             init = self.index.initializer_name(node.input[i])
-            name = init if self.refs[init] == 1 else self._fresh(f"{init}__{node_name}_{i}")
+            if init is None:  # a Constant node's value: becomes a private initializer
+                name = self._fresh(f"{node.input[i]}__{node_name}_{i}")
+            elif self.refs[init] == 1:
+                name = init
+            else:
+                name = self._fresh(f"{init}__{node_name}_{i}")
             self.private[key] = name
             node.input[i] = name
         self.arrays[self.private[key]] = value
+
+    def unshare(self, node_name: str, user_name: str) -> str:
+        """Give ``user_name`` its own copy of ``node_name`` when others read its output too
+        (a target shape Concat shared by several Reshapes); returns the node to edit."""
+        node = self.nodes[node_name]
+        users = [n for n in self.model.graph.node if node.output[0] in n.input]
+        if len(users) <= 1:
+            return node_name
+        clone = onnx.NodeProto()
+        clone.CopyFrom(node)
+        clone.name = self._fresh_node(f"{node.name}__{user_name}")
+        clone.output[0] = f"{node.output[0]}__{user_name}"
+        for name in clone.input:  # the clone shares the original's constants
+            init = self.index.initializer_name(name) if name else None
+            if init is not None:
+                self.refs[init] += 1
+        user = self.nodes[user_name]
+        for k, name in enumerate(user.input):
+            if name == node.output[0]:
+                user.input[k] = clone.output[0]
+        position = list(self.model.graph.node).index(node) + 1
+        self.model.graph.node.insert(position, clone)
+        self.nodes[clone.name] = self.model.graph.node[position]
+        return clone.name
+
+    def _fresh_node(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.nodes:
+            k += 1
+            name = f"{base}_{k}"
+        return name
 
     def _fresh(self, base: str) -> str:
         name, k = base, 0
@@ -198,10 +234,11 @@ def _group_attr(edit: Edit, consts: _Constants, keep, zero: bool) -> None:
 
 
 def _reshape_dim(edit: Edit, consts: _Constants, keep, zero: bool) -> None:
-    shape = consts.get(edit.node, edit.input).copy()
+    node = consts.unshare(edit.node, edit.extra[0]) if edit.extra else edit.node
+    shape = consts.get(node, edit.input).copy()
     flat = shape.reshape(-1)
     flat[edit.axis] = int(keep(edit.tensor).sum())
-    consts.set(edit.node, edit.input, shape)
+    consts.set(node, edit.input, shape)
 
 
 def _split_sizes(edit: Edit, consts: _Constants, keep, zero: bool) -> None:

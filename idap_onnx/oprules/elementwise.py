@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from idap_onnx.dependency import SLICE, AnalysisContext
+from idap_onnx.dependency import RESHAPE_DIM, SLICE, AnalysisContext
 from idap_onnx.graph import attr
 from idap_onnx.layout import Layout
 from idap_onnx.oprules.base import register
@@ -51,20 +51,24 @@ def clip(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
     """Clip: pass-through; keeps zero when 0 lies in [min, max] (attributes or inputs)."""
     lo = attr(node, "min", None)
     hi = attr(node, "max", None)
+    runtime_bound = False
     if len(node.input) > 1 and node.input[1]:
         value = ctx.const(node.input[1])
-        lo = None if value is None else float(value)
+        lo, runtime_bound = (None, True) if value is None else (float(value), runtime_bound)
     if len(node.input) > 2 and node.input[2]:
         value = ctx.const(node.input[2])
-        hi = None if value is None else float(value)
-    keeps = (lo is None or lo <= 0) and (hi is None or hi >= 0)
+        hi, runtime_bound = (None, True) if value is None else (float(value), runtime_bound)
+    keeps = not runtime_bound and (lo is None or lo <= 0) and (hi is None or hi >= 0)
     passthrough(node, ctx, keeps_zero=keeps)
 
 
 @register("PRelu")
 def prelu(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
-    """PRelu(x, slope): pass-through; a per-channel slope is sliced with the channels."""
-    binary(node, ctx)
+    """PRelu(x, slope): pass-through; a per-channel slope is sliced with the channels;
+    PRelu(0) = 0 whatever the slope."""
+    res = couple_inputs(node, ctx, [0, 1])
+    if res is not None and 0 in res[1]:
+        ctx.set(node.output[0], res[0], ctx.nonzero(node.input[0]))
 
 
 def aligned(ctx: AnalysisContext, name: str, out_rank: int) -> Layout | None:
@@ -115,9 +119,58 @@ def couple_inputs(
             continue
         if ctx.index.initializer_name(name) is not None:
             ctx.edit(SLICE, node, node.output[0], input=i, axis=axis, role=const_role)
-        else:
+        elif not _constant_chain(ctx, name, axis, node.output[0], const_role):
             ctx.fix(base, f"{node.op_type} '{node.name}' combines channels with untracked '{name}'")
     return base, tracked
+
+
+def _constant_chain(ctx: AnalysisContext, name: str, axis: int, mask: str, role: str) -> bool:
+    """A per-channel constant reached through Reshape/Unsqueeze/Expand/Identity/Cast of an
+    initializer (Paddle adds conv biases as ``Reshape(b, [1, C, 1, 1])``; a ViT class token is
+    ``Expand(cls, ...)``): record the edits that slice the source and rewrite the shape."""
+    node = ctx.index.producer.get(name)
+    if node is None or ctx.rank(name) is None:
+        return False
+    src = node.input[0] if node.input else ""
+    src_shape = ctx.shape(src)
+    if src_shape is None:
+        return False
+    if node.op_type in ("Identity", "Cast"):
+        inner = axis
+    elif node.op_type == "Unsqueeze":
+        axes = attr(node, "axes", None)
+        if axes is None and len(node.input) > 1:
+            value = ctx.const(node.input[1])
+            axes = None if value is None else [int(a) for a in np.atleast_1d(value)]
+        if axes is None:
+            return False
+        rank = ctx.rank(name)
+        kept = [a for a in range(rank) if a not in {x % rank for x in axes}]
+        if axis not in kept:
+            return False
+        inner = kept.index(axis)
+    elif node.op_type == "Expand":
+        inner = axis - (ctx.rank(name) - len(src_shape))
+        target = ctx.const(node.input[1])
+        if inner < 0 or target is None:
+            return False
+        k = axis - (ctx.rank(name) - len(target))
+        if 0 <= k < len(target) and int(target[k]) > 1:
+            ctx.edit(RESHAPE_DIM, node, mask, input=1, axis=k)
+    elif node.op_type == "Reshape":
+        shape = ctx.const(node.input[1])
+        big = [d for d in src_shape if d != 1]
+        if shape is None or len(big) != 1 or int(shape[axis]) not in (big[0], -1):
+            return False
+        inner = [j for j, d in enumerate(src_shape) if d != 1][0]
+        if int(shape[axis]) > 0:
+            ctx.edit(RESHAPE_DIM, node, mask, input=1, axis=axis)
+    else:
+        return False
+    if ctx.index.initializer_name(src) is None:
+        return False
+    ctx.edit(SLICE, node, mask, input=0, axis=inner, role=role)
+    return True
 
 
 def binary(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
@@ -140,7 +193,7 @@ def _adds_broadcast_value(node: onnx.NodeProto, ctx: AnalysisContext, tracked, b
     """True when an untracked operand broadcast over the channels is not a zero constant."""
     out_rank = ctx.rank(node.output[0]) or 0
     for i, name in enumerate(node.input):
-        if i in tracked or not name:
+        if i in tracked or not name or (node.op_type == "Where" and i == 0):
             continue
         shape = ctx.shape(name) or ()
         axis = base.axis - (out_rank - len(shape))
@@ -180,6 +233,7 @@ def div_pow(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         return
     base, tracked = res
     nz = ctx.nonzero(node.input[0]) if 0 in tracked else np.zeros(len(base), dtype=bool)
-    if 1 in tracked:
+    exponent = ctx.const(node.input[1]) if node.op_type == "Pow" else None
+    if 1 in tracked or (node.op_type == "Pow" and (exponent is None or np.any(exponent <= 0))):
         nz = np.ones(len(base), dtype=bool)
     ctx.set(node.output[0], base, nz)

@@ -156,10 +156,17 @@ def reshape(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
             ctx.decline(node, f"Reshape '{node.name}': unsupported split of the channel axis")
             return
         kind, new, at = res
-        if kind == "heads" and _unpacked_later(ctx, node.output[0], lead + big_out[at]):
+        outer, inner = (lead + big_out[0], lead + big_out[-1])
+        if kind == "heads" and (
+            _unpacked_later(ctx, node.output[0], outer)
+            or _swapped_next(ctx, node.output[0], outer, inner)
+        ):
             kind, new, at = "rows", Layout(0, lay.space[: len(lay) // len(new)],
                                            lay.chan[: len(lay) // len(new)]), new.inner
         k = len(lay) // len(new)
+        if kind == "heads" and _target_entry(node, ctx, inner) is None:
+            ctx.decline(node, f"Reshape '{node.name}': head size computed at run time")
+            return
         if kind == "heads":
             ctx.bundle(new)
             new_nz = nz.reshape(-1, k).any(axis=1)
@@ -177,6 +184,37 @@ def reshape(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
             ctx.set(node.output[0], new, new_nz)
         return
     ctx.decline(node, f"Reshape '{node.name}': channel axis mixed with other dims")
+
+
+def _swapped_next(ctx: AnalysisContext, name: str, a: int, b: int) -> bool:
+    """True when the only consumer of ``name`` is a Transpose swapping axes a and b (the
+    middle step of a channel shuffle ``[N, g, C/g, H, W] -> [N, C/g, g, H, W]``)."""
+    users = ctx.index.consumers.get(name, [])
+    if len(users) != 1 or users[0].op_type != "Transpose":
+        return False
+    perm = list(attr(users[0], "perm", None) or [])
+    return len(perm) > max(a, b) and perm[a] == b and perm[b] == a
+
+
+def _target_entry(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> int | None:
+    """Entry ``axis`` of a Reshape's target when it is a constant (directly or as a constant
+    piece of a Concat), else None."""
+    shape = ctx.const(node.input[1])
+    if shape is not None:
+        return int(shape[axis])
+    piece = ctx.index.producer.get(node.input[1])
+    if piece is None or piece.op_type != "Concat":
+        return None
+    offset = 0
+    for name in piece.input:
+        size = (ctx.shape(name) or (None,))[0]
+        if not isinstance(size, int):
+            return None
+        if offset <= axis < offset + size:
+            value = ctx.const(name)
+            return None if value is None else int(np.atleast_1d(value)[axis - offset])
+        offset += size
+    return None
 
 
 def _unpacked_later(ctx: AnalysisContext, name: str, axis: int) -> bool:
@@ -245,7 +283,10 @@ def _reshape_edit(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool
     value = ctx.const(piece.input[i])
     if value is not None:
         if int(np.atleast_1d(value)[axis - offsets[i]]) > 0:
-            ctx.edit(RESHAPE_DIM, piece, node.output[0], input=i, axis=int(axis - offsets[i]))
+            ctx.edit(
+                RESHAPE_DIM, piece, node.output[0], input=i, axis=int(axis - offsets[i]),
+                extra=(node.name,),
+            )
         return True
     if _channel_dim_of(ctx, piece.input[i]):
         return True
@@ -254,21 +295,30 @@ def _reshape_edit(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool
 
 
 def _channel_dim_of(ctx: AnalysisContext, name: str) -> bool:
-    """True when ``name`` is ``Shape(x)[a]`` (optionally Unsqueezed, Cast, divided or
-    multiplied by a constant) with ``a`` the channel axis of ``x``: it follows the pruning."""
+    """True when ``name`` is ``Shape(x)[a]`` (by Gather, or a one-entry Slice; optionally
+    Unsqueezed, Cast, divided or multiplied by a constant) with ``a`` the channel axis of
+    ``x``: it follows the pruning."""
     node = ctx.index.producer.get(name)
     while node is not None and node.op_type in ("Unsqueeze", "Cast", "Div", "Mul", "Squeeze"):
         if node.op_type in ("Div", "Mul") and ctx.const(node.input[1]) is None:
             return False
         node = ctx.index.producer.get(node.input[0])
-    if node is None or node.op_type != "Gather":
+    if node is None or node.op_type not in ("Gather", "Slice"):
         return False
     shape_node = ctx.index.producer.get(node.input[0])
-    index = ctx.const(node.input[1])
-    if shape_node is None or shape_node.op_type != "Shape" or index is None or index.size != 1:
+    if shape_node is None or shape_node.op_type != "Shape":
         return False
     lay = ctx.layout(shape_node.input[0])
-    return lay is not None and int(index.ravel()[0]) % (ctx.rank(shape_node.input[0]) or 1) == lay.axis
+    rank = ctx.rank(shape_node.input[0]) or 1
+    if lay is None:
+        return False
+    if node.op_type == "Gather":
+        index = ctx.const(node.input[1])
+        return index is not None and index.size == 1 and int(index.ravel()[0]) % rank == lay.axis
+    starts, ends = ctx.const(node.input[1]), ctx.const(node.input[2])
+    if starts is None or ends is None:
+        return False
+    return list(range(rank)[int(starts[0]) : int(ends[0])]) == [lay.axis]
 
 
 @register("Flatten")
@@ -462,12 +512,20 @@ def gather(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
 
 @register("Expand")
 def expand(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
-    """Expand: broadcasts to a shape of higher or equal rank; the channel axis shifts right."""
+    """Expand: broadcasts to a shape of higher or equal rank; the channel axis shifts right.
+    A constant target shape that spells the channel count is rewritten."""
     lay = ctx.layout(node.input[0])
     rank, out_rank = ctx.rank(node.input[0]), ctx.rank(node.output[0])
     if lay is None or rank is None or out_rank is None:
         return
     shift = out_rank - rank
+    target = ctx.const(node.input[1])
+    if target is None:
+        ctx.decline(node, f"Expand '{node.name}': target shape computed at run time")
+        return
+    k = lay.axis + shift - (out_rank - len(target))
+    if 0 <= k < len(target) and int(target[k]) > 1:
+        ctx.edit(RESHAPE_DIM, node, node.output[0], input=1, axis=k)
     _moved(ctx, node, lay, {a: a + shift for a in range(rank)})
 
 
@@ -548,11 +606,9 @@ def shape_of(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
     if node.op_type == "Size":
         ctx.fix(lay, f"Size '{node.name}' reads the channel count")
         return
-    start = int(attr(node, "start", 0)) % (rank + 1) if attr(node, "start", 0) < 0 else int(
-        attr(node, "start", 0)
-    )
+    start = _clamp_dim_index(int(attr(node, "start", 0)), rank)
     end = attr(node, "end", None)
-    end = rank if end is None else (int(end) % (rank + 1) if end < 0 else min(int(end), rank))
+    end = rank if end is None else _clamp_dim_index(int(end), rank)
     if not start <= lay.axis < end:
         return
     channel_pos = lay.axis - start
@@ -560,6 +616,11 @@ def shape_of(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         if not _shape_use_is_safe(ctx, user, channel_pos, end - start, node.input[0]):
             ctx.fix(lay, f"{user.op_type} '{user.name}' uses the channel count of '{node.input[0]}'")
             return
+
+
+def _clamp_dim_index(i: int, rank: int) -> int:
+    """Shape's start/end: negative counts from the back, then clamped to [0, rank]."""
+    return max(0, min(rank, i + rank if i < 0 else i))
 
 
 def _shape_use_is_safe(ctx: AnalysisContext, user, pos: int, length: int, source: str) -> bool:
@@ -577,13 +638,17 @@ def _shape_use_is_safe(ctx: AnalysisContext, user, pos: int, length: int, source
         starts, ends = ctx.const(user.input[1]), ctx.const(user.input[2])
         if starts is None or ends is None:
             return False
-        return pos not in range(length)[int(starts[0]) : int(ends[0])]
+        if pos not in range(length)[int(starts[0]) : int(ends[0])]:
+            return True
+        return _feeds_own_reshape(ctx, user.output[0], source)
     return False
 
 
 def _feeds_own_reshape(ctx: AnalysisContext, name: str, source: str, depth: int = 0) -> bool:
     """Every use of ``name`` reaches, through arithmetic with constants, the target shape of
-    a Reshape of ``source`` or the bounds of a Slice of ``source`` (both check the value)."""
+    a Reshape or the bounds of a Slice of ``source`` (both check the value). A Reshape of
+    another tensor is safe when that tensor carries the same units as ``source``: recorded
+    here, checked after the analysis (``AnalysisContext.same_channels_later``)."""
     users = ctx.index.consumers.get(name, [])
     if not users or depth > 8:
         return False
@@ -591,9 +656,11 @@ def _feeds_own_reshape(ctx: AnalysisContext, name: str, source: str, depth: int 
         if user.op_type == "Concat":
             reshapes = ctx.index.consumers.get(user.output[0], [])
             ok = bool(reshapes) and all(
-                r.op_type == "Reshape" and r.input[0] == source and r.input[1] == user.output[0]
-                for r in reshapes
+                r.op_type == "Reshape" and r.input[1] == user.output[0] for r in reshapes
             )
+            for r in reshapes if ok else []:
+                if r.input[0] != source:  # checked once the whole graph is analysed
+                    ctx.same_channels_later(source, r.input[0], f"Reshape '{r.name}'")
         elif user.op_type == "Slice":
             ok = user.input[0] == source and name in user.input[1:3]
         elif user.op_type in _ARITH:

@@ -100,10 +100,6 @@ def test_clip_without_bounds_is_exact():
     assert_exact(model, {"a": [0]})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Clip with a run-time (non-constant) min is treated as keeping zero; min may be > 0",
-)
 def test_clip_with_runtime_min_is_not_exact():
     model = parse(
         """
@@ -129,11 +125,6 @@ def test_prelu_per_channel_slope_is_sliced():
     assert init(pruned, "t:1").shape == (2, 1, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prelu() reuses binary(), whose broadcast-operand check marks removed channels "
-    "non-zero for a shared slope, but PRelu(0, slope) == 0",
-)
 def test_prelu_shared_slope_is_untouched():
     model = sandwich("t = PRelu(a, slope)", slope=(1,))
     pruned = assert_exact(model, {"a": [2]})
@@ -359,11 +350,6 @@ def test_pow_square_is_exact():
     assert_exact(model, {"a": [3]})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="div_pow() keeps zero through the base of Pow for any exponent, but 0 ** e is "
-    "1 for e == 0 and inf for e < 0",
-)
 @pytest.mark.parametrize("exponent", [-1.0, 0.0])
 def test_pow_with_non_positive_exponent_is_not_exact(exponent):
     model = sandwich("t = Pow(a, e)", e=np.array(exponent, np.float32))
