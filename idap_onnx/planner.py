@@ -1,0 +1,137 @@
+"""Calibration-free pruning plans: weight-norm unit scores and a global ranking.
+
+Unit score (Li et al. 2017, filter norms), summed over every producer of the group:
+
+    l1(u) = sum_p sum |W_p[u]| / n_u        l2(u) = sqrt( sum_p sum W_p[u]^2 / n_u )
+
+where ``W_p[u]`` is the slice of producer p's weight (Conv/Gemm/MatMul rows, embedding
+columns) that unit u owns and ``n_u`` the number of those weights, so units of different
+layers compare on one scale. ``random`` draws scores from the seed. A unit whose weights are
+all zero scores 0 and is taken first.
+
+Plan: rank all prunable units of all groups together, lowest first, and take
+``round(ratio * N)``; each group keeps at least ``max(1, round_to)`` units and at most
+``max_group_ratio`` of them go; kept counts are then rounded to multiples of ``round_to``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from idap_onnx.dependency import SLICE, ChannelGroup, DependencyGraph
+from idap_onnx.errors import UsageError
+
+SCORES = ("l1", "l2", "random")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """How to turn unit scores into a removal."""
+
+    ratio: float
+    round_to: int = 1
+    max_group_ratio: float = 1.0
+    ignore: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise UsageError(f"--ratio must be in [0, 1), got {self.ratio}")
+        if self.round_to < 1:
+            raise UsageError(f"--round-to must be >= 1, got {self.round_to}")
+        if not 0.0 < self.max_group_ratio <= 1.0:
+            raise UsageError(f"--max-group-ratio must be in (0, 1], got {self.max_group_ratio}")
+
+
+def unit_index(group: ChannelGroup) -> dict[tuple[int, int], int]:
+    """(space, channel) -> unit of ``group``."""
+    index = {}
+    for u, unit in enumerate(group.units):
+        for s, chans in unit.items():
+            for c in chans:
+                index[(s, int(c))] = u
+    return index
+
+
+def weight_scores(graph: DependencyGraph, kind: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Group id -> score per unit (module docstring); ``kind`` in ``SCORES``."""
+    if kind not in SCORES:
+        raise UsageError(f"unknown score '{kind}'; choose one of {', '.join(SCORES)}")
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        return {g.id: rng.random(g.size) for g in graph.groups}
+    group_of_space = {s: g for g in graph.groups for s in g.spaces}
+    index = {g.id: unit_index(g) for g in graph.groups}
+    total = {g.id: np.zeros(g.size) for g in graph.groups}
+    count = {g.id: np.zeros(g.size) for g in graph.groups}
+    for edit in graph.edits:
+        if edit.kind != SLICE or edit.role != "producer":
+            continue
+        node = graph.index.node_by_name[edit.node]
+        weight = graph.index.constant(node.input[edit.input])
+        if weight is None or weight.ndim < 2:
+            continue  # biases and normalization parameters are not filters
+        lay = graph.layouts[edit.tensor]
+        w = np.moveaxis(np.abs(weight) if kind == "l1" else weight.astype(np.float64) ** 2,
+                        edit.axis, 0)
+        per_elem = w.reshape(w.shape[0], -1).sum(axis=1)
+        n_elem = w.reshape(w.shape[0], -1).shape[1]
+        for e in range(len(lay)):
+            s = int(lay.space[e])
+            g = group_of_space.get(s)
+            if g is None:
+                continue
+            u = index[g.id].get((s, int(lay.chan[e])))
+            if u is not None:
+                total[g.id][u] += per_elem[e]
+                count[g.id][u] += n_elem
+    scores = {}
+    for gid in total:
+        mean = np.divide(total[gid], count[gid], out=np.zeros_like(total[gid]),
+                         where=count[gid] > 0)
+        scores[gid] = mean if kind == "l1" else np.sqrt(mean)
+    return scores
+
+
+def plan_removal(
+    graph: DependencyGraph, scores: dict[str, np.ndarray], config: PlanConfig
+) -> dict[str, list[int]]:
+    """Group id -> units to remove (module docstring)."""
+    config.check()
+    ignored = set(config.ignore)
+    candidates = []
+    limit: dict[str, int] = {}
+    for g in graph.groups:
+        if g.frozen or ignored & (set(g.producers) | set(g.consumers)):
+            continue
+        keep_min = max(1, config.round_to)
+        limit[g.id] = min(
+            len(g.prunable_units),
+            g.size - keep_min,
+            int(np.floor(config.max_group_ratio * g.size + 1e-9)),
+        )
+        candidates += [(float(scores[g.id][u]), g.id, u) for u in g.prunable_units]
+    target = int(round(config.ratio * len(candidates)))
+    candidates.sort(key=lambda t: (t[0], t[1], t[2]))
+    taken: dict[str, list[int]] = {}
+    for _score, gid, u in candidates:
+        if target <= 0:
+            break
+        if len(taken.get(gid, [])) < limit[gid]:
+            taken.setdefault(gid, []).append(u)
+            target -= 1
+    return {gid: _rounded(graph.group(gid), units, scores[gid], config.round_to, limit[gid])
+            for gid, units in taken.items() if units}
+
+
+def _rounded(group: ChannelGroup, units: list[int], score: np.ndarray, round_to: int,
+             limit: int) -> list[int]:
+    """Remove the lowest-scored units so the kept count is a multiple of ``round_to``."""
+    if round_to == 1:
+        return sorted(units)
+    kept = group.size - len(units)
+    kept = max(round_to, int(round(kept / round_to)) * round_to)
+    n_remove = min(limit, max(0, group.size - kept))
+    order = sorted(group.prunable_units, key=lambda u: (score[u], u))
+    return sorted(order[:n_remove])
