@@ -119,8 +119,8 @@ class _UnionFind:
 class AnalysisContext:
     """What rules read and write while the analysis walks the graph (see ``oprules.base``)."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.index = GraphIndex(model)
+    def __init__(self, model: onnx.ModelProto, shapes=None) -> None:
+        self.index = GraphIndex(model, shapes)
         self.layouts: dict[str, Layout] = {}
         self.nonzeros: dict[str, np.ndarray] = {}
         self.spaces: list[Space] = []
@@ -290,29 +290,28 @@ class DependencyGraph:
 def analyze_model(
     model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
 ) -> DependencyGraph:
-    """Infer shapes with concrete input dims (symbolic ones filled in) and ``analyze``.
+    """``analyze`` with every shape made concrete (``shapes.analysis_shapes``).
 
-    Shapes that static inference and shape folding leave unknown are measured by running the
-    model once in ONNX Runtime on dummy inputs (``shapes.probe_shapes``). The edits refer to
-    node and initializer names only, so they apply to ``model`` itself, whose symbolic dims
-    stay symbolic.
+    Symbolic input dims are filled in (batch 1, others 32 unless ``input_shapes`` says);
+    shapes that static inference and shape folding leave unknown are measured by running the
+    model once in ONNX Runtime on dummy inputs. The edits refer to node and initializer
+    names only, so they apply to ``model`` itself, whose symbolic dims stay symbolic.
     """
-    from idap_onnx.shapes import (
-        complete_shapes,
-        concrete_input_shapes,
-        infer_shapes,
-        probe_shapes,
-    )
+    from idap_onnx.shapes import analysis_shapes
 
-    shaped = complete_shapes(infer_shapes(model, concrete_input_shapes(model, input_shapes)))
-    return analyze(probe_shapes(shaped))
+    return analyze(model, analysis_shapes(model, input_shapes))
 
 
-def analyze(model: onnx.ModelProto) -> DependencyGraph:
-    """Build the channel-dependency graph of ``model`` (shapes must be inferred)."""
+def analyze(model: onnx.ModelProto, shapes=None) -> DependencyGraph:
+    """Build the channel-dependency graph of ``model``.
+
+    Args:
+        model: the model (not modified).
+        shapes: tensor name -> shape; by default the model's own ``value_info``.
+    """
     from idap_onnx import oprules  # the rules import this module's context and edit kinds
 
-    ctx = AnalysisContext(model)
+    ctx = AnalysisContext(model, shapes)
     for node in ctx.index.nodes:
         rule = oprules.lookup(node.domain, node.op_type, ctx.opset)
         has_channels = any(ctx.layout(i) is not None for i in node.input)

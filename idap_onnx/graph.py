@@ -24,8 +24,9 @@ class GraphIndex:
     queries to answer; nodes must have unique names (``idap_onnx.model_io.load_model``).
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, Shape] | None = None) -> None:
         self.model = model
+        self._given_shapes = shapes
         self.graph = model.graph
         self.nodes: list[onnx.NodeProto] = list(model.graph.node)
         self.node_by_name: dict[str, onnx.NodeProto] = {n.name: n for n in self.nodes}
@@ -55,8 +56,14 @@ class GraphIndex:
 
     @cached_property
     def shapes(self) -> dict[str, Shape]:
-        """Tensor name -> shape (int, symbolic name, or None per dim) for every known tensor."""
+        """Tensor name -> shape (int, symbolic name, or None per dim) for every known tensor:
+        the shapes given to the index, else the model's ``value_info``, inputs and outputs."""
         shapes: dict[str, Shape] = {}
+        if self._given_shapes is not None:
+            shapes.update(self._given_shapes)
+            for name, t in self.initializers.items():
+                shapes[name] = tuple(int(d) for d in t.dims)
+            return shapes
         infos = list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)
         for vi in infos:
             tt = vi.type.tensor_type

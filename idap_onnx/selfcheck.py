@@ -5,6 +5,9 @@ For one model and seed: pick random prunable groups and random units in each; th
 - all picked groups together: the pruned model passes the full checker, runs in ONNX
   Runtime with the original's input/output names, dtypes and output shapes, and has exactly
   the MACs that ``group_costs.predict_macs`` predicts.
+- blocks: removing a residual block computes what the original computes with that branch's
+  output forced to zero (``Mul(f(x), 0)`` inserted before the Add); a removed chain leaves a
+  valid model that runs.
 This is what the zoo suite (tests, ``tools/coverage.py``) runs on every architecture.
 """
 
@@ -17,9 +20,11 @@ import numpy as np
 import onnx
 
 from idap_onnx.accounting import model_cost
+from idap_onnx.blocks import Block, find_blocks
 from idap_onnx.dependency import DependencyGraph, analyze_model
 from idap_onnx.group_costs import predict_macs, prunable_share
 from idap_onnx.passes.prune_channels import prune_channels, zero_units
+from idap_onnx.passes.remove_blocks import remove_blocks
 from idap_onnx.verify import check_rewrite, rel_l2, run_model
 
 
@@ -36,6 +41,9 @@ class SelfCheck:
     macs_before: int
     macs_after: int
     macs_predicted: int
+    blocks: int = 0
+    blocks_tested: int = 0
+    block_error: float = 0.0
     frozen_reasons: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
@@ -109,4 +117,65 @@ def self_check(
                 )
     except Exception as exc:  # report, the suite decides
         result.errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    _check_blocks(model, graph, feeds, rng, result, tol)
     return result
+
+
+def zero_branch(model: onnx.ModelProto, block: Block) -> onnx.ModelProto:
+    """The reference for removing a residual block: ``model`` with ``Mul(f(x), 0)`` feeding
+    the block's Add instead of ``f(x)``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    zero, zeroed = f"{block.branch}__zero", f"{block.branch}__zeroed"
+    dtype = np.float32
+    out.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), dtype), zero))
+    for node in out.graph.node:
+        if node.name == block.nodes[-1]:
+            node.input[list(node.input).index(block.branch)] = zeroed
+    out.graph.node.append(onnx.helper.make_node("Mul", [block.branch, zero], [zeroed]))
+    return _topo(out)
+
+
+def _topo(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Nodes in topological order (the appended Mul must come before its reader)."""
+    ready = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    pending, ordered = list(model.graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(not i or i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            ordered += rest
+            break
+        pending = rest
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    return model
+
+
+def _check_blocks(model, graph, feeds, rng, result: SelfCheck, tol: float) -> None:
+    blocks = find_blocks(model, graph.index)
+    result.blocks = len(blocks)
+    residual = [b for b in blocks if b.kind == "residual"]
+    chains = [b for b in blocks if b.kind == "chain"]
+    picked = [residual[i] for i in rng.permutation(len(residual))[:2]]
+    picked += [chains[i] for i in rng.permutation(len(chains))[:1]]
+    try:
+        for block in picked:
+            removed = remove_blocks(model, [block.name], blocks=blocks)
+            result.blocks_tested += 1
+            if block.kind == "residual":
+                want = run_model(zero_branch(model, block), feeds)
+                got = run_model(removed, feeds)
+                err = max(rel_l2(a, b) for a, b in zip(got, want, strict=True))
+                result.block_error = max(result.block_error, err)
+                if err > tol:
+                    result.errors.append(f"block {block.name} differs from zeroed branch: {err:.2e}")
+            else:
+                check_rewrite(model, removed, feeds)
+    except Exception as exc:  # report, the suite decides
+        result.errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

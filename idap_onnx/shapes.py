@@ -256,7 +256,7 @@ def complete_shapes(model: onnx.ModelProto, rounds: int = 40) -> onnx.ModelProto
 
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.CRITICAL
     ort.set_default_logger_severity(4)  # folding tries partitions that ORT rejects, loudly
-    work = _skeleton(model)
+    work = skeleton(model)
     best = {vi.name: vi for vi in model.graph.value_info}
     unknown = _count_unknowns(best.values())
     for _ in range(rounds):
@@ -298,35 +298,34 @@ def _fold_once(gs, model: onnx.ModelProto) -> onnx.ModelProto:
     raise RuntimeError("unreachable")
 
 
-def probe_shapes(model: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:
-    """Measure the shapes static inference leaves unknown by running ``model`` once.
+def probe_shapes(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], names: Sequence[str]
+) -> dict[str, tuple[int, ...]]:
+    """Measure the shapes of tensors ``names`` by running ``model`` once in ONNX Runtime.
 
-    ``model``'s graph inputs must have concrete dims. Float inputs get N(0, 1) values,
-    integer inputs zeros (ones for names containing ``mask``); the tensors whose shapes are
-    still unknown (attention masks built with Range/Expand, mostly) are exposed as outputs
-    and their measured shapes written into a copy's ``value_info``.
+    Float inputs get N(0, 1) values of ``input_shapes``, integer inputs zeros (ones for names
+    containing ``mask``). Used for the few shapes static inference and folding leave unknown
+    (attention masks built with Range/Expand); returns {} when the model cannot run.
     """
     import numpy as np
     import onnxruntime as ort
 
-    known = tensor_shapes(model)
-    produced = [o for n in model.graph.node for o in n.output if o]
-    unknown = [t for t in produced if t not in known or _unknowns(known[t])][:limit]
-    if not unknown:
-        return model
+    if not names:
+        return {}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
+    _override_input_shapes(probe.graph, input_shapes)
     outputs = {o.name for o in probe.graph.output}
-    for name in unknown:
+    for name in names:
         if name not in outputs:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    feeds = {}
     rng = np.random.default_rng(0)
     inits = {t.name for t in model.graph.initializer}
+    feeds = {}
     for vi in model.graph.input:
         if vi.name in inits:
             continue
-        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        dims = list(input_shapes[vi.name])
         dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
         if np.issubdtype(dtype, np.floating):
             feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
@@ -340,22 +339,29 @@ def probe_shapes(model: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:
         sess = ort.InferenceSession(
             probe.SerializeToString(), opts, providers=["CPUExecutionProvider"]
         )
-        names = [o.name for o in sess.get_outputs()]
+        out_names = [o.name for o in sess.get_outputs()]
         values = sess.run(None, feeds)
     except Exception:  # a best effort: the shapes stay unknown
-        return model
-    measured = {n: v.shape for n, v in zip(names, values, strict=True) if n in unknown}
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    infos = {vi.name: vi for vi in out.graph.value_info}
-    for name, shape in measured.items():
-        vi = infos.get(name)
-        if vi is None:
-            continue
-        del vi.type.tensor_type.shape.dim[:]
-        for d in shape:
-            vi.type.tensor_type.shape.dim.add().dim_value = int(d)
-    return out
+        return {}
+    wanted = set(names)
+    return {n: tuple(v.shape) for n, v in zip(out_names, values, strict=True) if n in wanted}
+
+
+def analysis_shapes(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, Shape]:
+    """Every tensor's shape at concrete input dims, as complete as it can be made.
+
+    Static inference on a weight-free skeleton, then shape folding (``complete_shapes``),
+    then one ONNX Runtime run for what is still unknown (``probe_shapes``).
+    """
+    concrete = concrete_input_shapes(model, input_shapes)
+    shaped = complete_shapes(infer_shapes(skeleton(model), concrete))
+    shapes = tensor_shapes(shaped)
+    produced = [o for n in model.graph.node for o in n.output if o]
+    unknown = [t for t in produced if t not in shapes or _unknowns(shapes[t])]
+    shapes.update(probe_shapes(model, concrete, unknown[:4096]))
+    return shapes
 
 
 def _count_unknowns(infos) -> int:
@@ -368,12 +374,24 @@ def _vi_unknowns(vi: onnx.ValueInfoProto) -> int:
     return _unknowns(_dims(tt.shape)) if tt.HasField("shape") else 1000
 
 
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose float initializers over 1024 elements are graph inputs (no data)."""
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose float initializers over 1024 elements are graph inputs (no data).
+
+    Built field by field, so the large weights are never copied.
+    """
     out = onnx.ModelProto()
-    out.CopyFrom(model)
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(out, field, getattr(model, field))
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    src = model.graph
+    out.graph.name = src.name
+    out.graph.node.extend(src.node)
+    out.graph.input.extend(src.input)
+    out.graph.output.extend(src.output)
+    out.graph.value_info.extend(src.value_info)
     keep = []
-    for t in out.graph.initializer:
+    for t in src.initializer:
         n = 1
         for d in t.dims:
             n *= d

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 
 from idap_onnx.errors import SurgeryError
-from idap_onnx.shapes import infer_shapes
+from idap_onnx.shapes import infer_shapes, skeleton
 
 
 def remove_dead(model: onnx.ModelProto) -> None:
@@ -45,13 +45,21 @@ def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
 
 
 def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Remove dead parts, re-infer shapes from scratch and run the full checker."""
+    """Remove dead parts, re-infer shapes from scratch and run the full checker.
+
+    Inference and the full (strict shape-inference) check run on a weight-free skeleton of
+    the model, whose large weights are typed graph inputs: the same shapes, without copying
+    the weights; the plain checker then runs on the model itself. ``model`` is edited in
+    place and returned with the inferred ``value_info``.
+    """
     remove_dead(model)
     del model.graph.value_info[:]
     try:
-        model = infer_shapes(model)
-        onnx.checker.check_model(model, full_check=True)
+        light = infer_shapes(skeleton(model))
+        onnx.checker.check_model(light, full_check=True)
+        onnx.checker.check_model(model)
     except Exception as exc:  # the checker raises several types; all mean a broken rewrite
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SurgeryError(f"rewritten graph fails the ONNX checker: {first}") from exc
+    model.graph.value_info.extend(light.graph.value_info)
     return model

@@ -15,7 +15,8 @@ import onnx
 from idap_onnx.blocks import Block, find_blocks
 from idap_onnx.errors import UsageError
 from idap_onnx.passes.cleanup import finalize
-from idap_onnx.shapes import concrete_input_shapes, infer_shapes
+from idap_onnx.graph import GraphIndex
+from idap_onnx.shapes import analysis_shapes
 
 
 def remove_blocks(
@@ -28,8 +29,7 @@ def remove_blocks(
             overlap (remove them one at a time).
     """
     if blocks is None:
-        shaped = infer_shapes(model, concrete_input_shapes(model))
-        blocks = find_blocks(shaped)
+        blocks = find_blocks(model, GraphIndex(model, analysis_shapes(model)))
     by_name = {b.name: b for b in blocks}
     chosen = []
     for name in names:

@@ -1,0 +1,179 @@
+"""The subcommands: each a flag list and a short composition of ``idap_onnx.api`` calls.
+
+A subcommand is registered once in :data:`COMMANDS`; its ``run`` imports the library only when
+it runs, so ``idap-onnx --help`` and ``--version`` start fast. Every ``run`` has a Python
+equivalent in ``idap_onnx.api`` (``inspect``, ``prune``, ``remove_blocks``) that a pipeline
+calls directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from idap_onnx.cli import args as shared
+
+_LOG = logging.getLogger("idap_onnx.cli")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, one-line summary, description with examples, flags, action."""
+
+    name: str
+    summary: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+
+
+# -- inspect -----------------------------------------------------------------------------------
+
+
+def _inspect_args(parser: argparse.ArgumentParser) -> None:
+    shared.add_model_args(parser)
+    shared.add_output_args(parser, model_output=False)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from idap_onnx import api, report
+
+    shared.check_paths(args)
+    started = time.perf_counter()
+    result = api.inspect(args.model, shared.input_shapes(args))
+    _LOG.info("analyzed %s in %.1fs", args.model, time.perf_counter() - started)
+    shared.emit_report(args, result.to_dict(), report.render_inspect(result))
+
+
+# -- prune -------------------------------------------------------------------------------------
+
+
+def _prune_args(parser: argparse.ArgumentParser) -> None:
+    shared.add_model_args(parser)
+    shared.add_output_args(parser, model_output=True)
+    plan = parser.add_argument_group("pruning plan")
+    plan.add_argument(
+        "--ratio", metavar="R", type=float, required=True,
+        help="fraction of all prunable channel units to remove, in [0, 1) (required)",
+    )
+    plan.add_argument(
+        "--score", choices=("l1", "l2", "random"), default="l1",
+        help="unit score: mean |w| (l1) or RMS (l2) of the unit's producer weights, or seeded "
+             "random; lowest scores go first (default: l1)",
+    )
+    plan.add_argument(
+        "--round-to", metavar="N", type=int, default=1,
+        help="round each group's kept unit count to a multiple of N (default: 1)",
+    )
+    plan.add_argument(
+        "--seed", metavar="S", type=int, default=0,
+        help="seed of the random score and of the verification inputs (default: 0)",
+    )
+    plan.add_argument(
+        "--ignore", metavar="NODE", nargs="+", action="extend", default=[],
+        help="leave whole every group that these nodes produce or consume; node names as "
+             "`idap-onnx inspect` prints them (default: none)",
+    )
+    plan.add_argument(
+        "--max-group-ratio", metavar="X", type=float, default=1.0,
+        help="remove at most this fraction of any one group, in (0, 1] (default: 1.0)",
+    )
+    _add_verify_arg(parser)
+
+
+def _add_verify_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-verify", dest="verify", action="store_false",
+        help="skip running both models in ONNX Runtime on random inputs to measure the "
+             "largest relative output error (default: verify)",
+    )
+
+
+def _prune(args: argparse.Namespace) -> None:
+    from idap_onnx import api, report
+    from idap_onnx.model_io import save_model
+
+    shared.check_paths(args)
+    started = time.perf_counter()
+    model, result = api.prune(
+        args.model, args.ratio, score=args.score, round_to=args.round_to, seed=args.seed,
+        ignore=tuple(args.ignore), max_group_ratio=args.max_group_ratio,
+        input_shapes=shared.input_shapes(args), verify=args.verify,
+    )
+    _LOG.info("pruned %s in %.1fs", args.model, time.perf_counter() - started)
+    written = save_model(model, args.output, input_path=args.model)
+    result = replace(result, output=str(written))
+    shared.emit_report(args, result.to_dict(), report.render_prune(result))
+
+
+# -- remove-blocks -----------------------------------------------------------------------------
+
+
+def _remove_blocks_args(parser: argparse.ArgumentParser) -> None:
+    shared.add_model_args(parser)
+    shared.add_output_args(parser, model_output=True)
+    parser.add_argument(
+        "--blocks", metavar="NAME", nargs="+", action="extend", required=True,
+        help="blocks to delete, named as `idap-onnx inspect` lists them ('res:<Add node>' for "
+             "a residual branch, 'chain:<first node>' for a shape-preserving chain); they must "
+             "not overlap (required)",
+    )
+    _add_verify_arg(parser)
+
+
+def _remove_blocks(args: argparse.Namespace) -> None:
+    from idap_onnx import api, report
+    from idap_onnx.model_io import save_model
+
+    shared.check_paths(args)
+    model, result = api.remove_blocks(
+        args.model, args.blocks, input_shapes=shared.input_shapes(args), verify=args.verify,
+    )
+    written = save_model(model, args.output, input_path=args.model)
+    result = replace(result, output=str(written))
+    shared.emit_report(args, result.to_dict(), report.render_blocks(result))
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "inspect",
+        "show costs, channel groups, frozen groups, declined nodes and removable blocks",
+        "Analyze a model without changing it: op histogram, parameters, MACs and FLOPs, every\n"
+        "channel group (units, prunable units, exactness, MACs, producer and consumer nodes),\n"
+        "why groups are frozen, which nodes have no rule, and the removable blocks.\n\n"
+        "examples:\n"
+        "  idap-onnx inspect resnet50.onnx\n"
+        "  idap-onnx inspect bert.onnx --input-shape input_ids:1x128 "
+        "--input-shape attention_mask:1x128\n"
+        "  idap-onnx inspect resnet50.onnx --json - | jq '.groups[0]'",
+        _inspect_args,
+        _inspect,
+    ),
+    Command(
+        "prune",
+        "remove the lowest-scored channel units of the whole model",
+        "Rank the prunable channel units of all groups by their weight score, remove the lowest\n"
+        "--ratio of them, check the result in ONNX Runtime on random inputs and write it.\n\n"
+        "examples:\n"
+        "  idap-onnx prune resnet50.onnx -o resnet50.pruned.onnx --ratio 0.3\n"
+        "  idap-onnx prune resnet50.onnx -o out.onnx --ratio 0.5 --score l2 --round-to 8 \\\n"
+        "      --ignore /fc/Gemm --max-group-ratio 0.8 --json report.json",
+        _prune_args,
+        _prune,
+    ),
+    Command(
+        "remove-blocks",
+        "delete residual branches or shape-preserving chains by name",
+        "Delete the named blocks (see `idap-onnx inspect`): a residual block y = x + f(x)\n"
+        "becomes y = x, a chain becomes identity. Graph inputs and outputs keep their names.\n\n"
+        "examples:\n"
+        "  idap-onnx remove-blocks resnet18.onnx -o out.onnx --blocks res:/layer1/layer1.1/Add\n"
+        "  idap-onnx remove-blocks vit.onnx -o out.onnx --blocks res:/blocks.11/Add "
+        "res:/blocks.11/Add_1 --json report.json",
+        _remove_blocks_args,
+        _remove_blocks,
+    ),
+)
