@@ -25,10 +25,11 @@ from idap_onnx.accounting import ModelCost, model_cost
 from idap_onnx.blocks import Block, find_blocks
 from idap_onnx.dependency import SLICE, DependencyGraph, analyze_model
 from idap_onnx.errors import UsageError
+from idap_onnx.graph import GraphIndex
 from idap_onnx.group_costs import group_macs, predict_macs, prunable_share
 from idap_onnx.model_io import assign_node_names, fold_constant_nodes, load_model
 from idap_onnx.planner import SCORES, PlanConfig, plan_removal, weight_scores
-from idap_onnx.shapes import concrete_input_shapes
+from idap_onnx.shapes import analysis_shapes, concrete_input_shapes
 from idap_onnx.verify import check_rewrite, random_feeds
 
 __all__ = [
@@ -434,8 +435,8 @@ def remove_blocks(
         raise UsageError("no block given; name at least one block that `idap-onnx inspect` lists")
     model, info = _load(model_or_path)
     shapes = _concrete_shapes(model, input_shapes)
-    graph = analyze_model(model, shapes)
-    blocks = find_blocks(graph.model, graph.index)
+    # The same shapes ``inspect`` finds blocks with (analyze_model uses analysis_shapes too).
+    blocks = find_blocks(model, GraphIndex(model, analysis_shapes(model, shapes)))
     from idap_onnx.passes.remove_blocks import remove_blocks as remove_blocks_pass
 
     out = remove_blocks_pass(model, names, blocks=blocks)
@@ -488,17 +489,9 @@ def _model_info(model: onnx.ModelProto, path: str | None) -> ModelInfo:
 
 
 def _concrete_shapes(model: onnx.ModelProto, given: InputShapes) -> dict[str, list[int]]:
-    """Concrete dims of every graph input; a name that is not a graph input is an error."""
-    given = dict(given or {})
-    shapes = concrete_input_shapes(model, given)
-    unknown = [name for name in given if name not in shapes]
-    if unknown:
-        valid = ", ".join(repr(n) for n in shapes) or "none"
-        raise UsageError(
-            f"--input-shape names '{unknown[0]}', which is not a graph input; "
-            f"the inputs are: {valid}"
-        )
-    return shapes
+    """Concrete dims of every graph input (``shapes.concrete_input_shapes`` rejects a name
+    that is not a graph input)."""
+    return concrete_input_shapes(model, dict(given or {}))
 
 
 def _freeze_shapes(shapes: Mapping[str, Sequence[int]]) -> tuple[tuple[str, tuple[int, ...]], ...]:

@@ -37,11 +37,16 @@ class PlanConfig:
 
     def check(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
-            raise UsageError(f"--ratio must be in [0, 1), got {self.ratio}")
+            raise UsageError(
+                f"ratio {self.ratio} is outside [0, 1); pass the fraction of units to remove, "
+                "such as 0.3"
+            )
         if self.round_to < 1:
-            raise UsageError(f"--round-to must be >= 1, got {self.round_to}")
+            raise UsageError(f"round_to {self.round_to} is below 1; pass 1 (exact) or 8")
         if not 0.0 < self.max_group_ratio <= 1.0:
-            raise UsageError(f"--max-group-ratio must be in (0, 1], got {self.max_group_ratio}")
+            raise UsageError(
+                f"max_group_ratio {self.max_group_ratio} is outside (0, 1]; pass e.g. 0.8"
+            )
 
 
 def unit_index(group: ChannelGroup) -> dict[tuple[int, int], int]:

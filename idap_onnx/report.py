@@ -90,7 +90,12 @@ def summary_line(before: Cost, after: Cost) -> str:
 
 
 def _shape(dims: Sequence[object]) -> str:
-    return "x".join("?" if d is None else str(d) for d in dims) or "scalar"
+    """``1x3x224x224``; ``[batch, 3, ?, ?]`` when some dims are symbolic or unknown."""
+    if not dims:
+        return "scalar"
+    if all(isinstance(d, int) for d in dims):
+        return "x".join(str(d) for d in dims)
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def _model_lines(model: ModelInfo, input_shapes) -> list[str]:

@@ -224,6 +224,13 @@ def concrete_input_shapes(
     """
     given = dict(given or {})
     initializers = {t.name for t in model.graph.initializer}
+    names = [v.name for v in model.graph.input if v.name not in initializers]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise UsageError(
+            f"the model has no input '{unknown[0]}'; its inputs are: "
+            + ", ".join(repr(n) for n in names)
+        )
     shapes: dict[str, list[int]] = {}
     for value in model.graph.input:
         if value.name in initializers or not value.type.HasField("tensor_type"):

@@ -149,11 +149,11 @@ def bad_files(tmp_path, model_path):
         ("truncated", ["inspect", "{truncated}"], "truncated"),
         ("output is input", ["prune", "{model}", "-o", "{model}", "--ratio", "0.3"],
          "never overwrites its input"),
-        ("ratio 1.5", ["prune", "{model}", "-o", "{out}", "--ratio", "1.5"], "--ratio"),
+        ("ratio 1.5", ["prune", "{model}", "-o", "{out}", "--ratio", "1.5"], "ratio 1.5"),
         ("unknown block", ["remove-blocks", "{model}", "-o", "{out}", "--blocks", "res:/nope"],
          "not a removable block"),
         ("unknown input", ["inspect", "{model}", "--input-shape", "image:1x3x16x16"],
-         "not a graph input"),
+         "has no input 'image'"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_1(capsys, bad_files, model_path, tmp_path, case,
@@ -224,3 +224,15 @@ def test_console_script_is_installed(model_path):
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["schema_version"] == 1
+
+
+def test_closed_stdout_pipe_stops_quietly(model_path, tmp_path):
+    script = shutil.which("idap-onnx", path=str(pathlib.Path(sys.executable).parent))
+    report = tmp_path / "inspect.json"
+    done = subprocess.run(
+        f"'{script}' inspect '{model_path}' --json '{report}' | head -n 1",
+        shell=True, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.stdout.startswith("Model: ")
+    assert "Traceback" not in done.stderr and "error" not in done.stderr
+    assert json.loads(report.read_text())["schema_version"] == 1

@@ -119,9 +119,9 @@ def emit_report(args: argparse.Namespace, data: Mapping, text: str) -> None:
     if args.json == STDOUT:
         sys.stdout.write(to_json(data))
         return
-    print(text)
-    if args.json is not None:
+    if args.json is not None:  # before printing: a closed stdout pipe must not lose the file
         write_text_atomic(pathlib.Path(args.json), to_json(data))
+    print(text)
 
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:

@@ -4,13 +4,15 @@ Exit codes: 0 success; 1 a user error (any ``IdapError``, an unreadable or unwri
 printed as one line ``idap-onnx: error: <message>`` on stderr (the traceback only with
 ``--verbose``); 2 a usage error argparse reports; 130 interrupted (Ctrl-C), with nothing written.
 A run ends with ``PASSED (1.2s)`` or ``FAILED (1.2s)`` on stdout (on stderr when stdout
-carries the JSON report; a failure there prints only the error line).
+carries the JSON report; a failure there prints only the error line). When stdout is closed
+early (``| head``) the run stops quietly with 141, after writing its files.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 import traceback
@@ -72,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         args.run(args)
+        print(f"PASSED ({time.perf_counter() - started:.1f}s)", file=status, flush=True)
+    except BrokenPipeError:  # stdout closed early (`| head`): outputs are written; stop quietly
+        _silence_stdout()
+        return 141
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output written", file=sys.stderr)
         return 130
@@ -80,8 +86,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not json_on_stdout:
             print(f"FAILED ({time.perf_counter() - started:.1f}s)", file=status, flush=True)
         return 1
-    print(f"PASSED ({time.perf_counter() - started:.1f}s)", file=status, flush=True)
     return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in tests)
+        pass
 
 
 def _report_error(exc: Exception, verbose: bool) -> None:

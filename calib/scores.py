@@ -1,0 +1,163 @@
+"""Unit and block scores from calibration statistics (METHOD.md sections 2 and 3).
+
+Unit scores (lower = removed first), per group, summed over the group's members:
+
+- ``idap`` (flow divergence, paper Sec. 3.1 as specified in METHOD.md Sec. 2)::
+
+      e_kc   = ||W_k[:, c]||^2 * (var_c + mu_c^2) * P_k      (var_c alone with mean
+                                                              compensation)
+      D_f(u) = sqrt( sum_k sum_{c in u} e_kc / E||Y_k||^2 )
+
+  over every consumer k of the group (``W_k[:, c]`` flattened over the kernel, ``P_k`` the
+  output positions of k per sample, ``Y_k`` its output): the relative change of each next
+  flow tensor, summed over the consumers. With one consumer this is METHOD.md's formula; with
+  several, METHOD.md pools the denominator (``sum_k e_kc / sum_k E||Y_k||^2``), which changes
+  when one consumer is rescaled, while normalizing per consumer keeps the paper's scale
+  invariance for every group (a deliberate choice, tested). Comparable across layers and
+  additive over a head's channels.
+- ``paper``: the released code's ``(1/(C*H*W)) * mean_b ||ReLU(Y_{b,c})||_2 * ||W_c||_2`` on
+  the producer output Y (for token tensors the norm runs over batch and tokens).
+- ``wanda``: ``sqrt( sum_j W[c, j]^2 * ||X_j||^2 )``, the producer row weighted by its input
+  channel norms (the structured Wanda score of onnxsim).
+- ``l1``, ``l2``, ``random``: ``idap_onnx.planner.weight_scores``.
+
+Block score (layer divergence, METHOD.md Sec. 3): ``D_l = E_x ||y - x|| / E_x ||y||``.
+Scores are plain data: group id -> array per unit, block name -> float. No graph is edited.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from idap_onnx.calib.stats import WEIGHTED, CalibStats
+from idap_onnx.dependency import SLICE, DependencyGraph
+from idap_onnx.errors import UsageError
+from idap_onnx.planner import unit_index, weight_scores
+
+UNIT_SCORES = ("idap", "paper", "wanda", "l1", "l2", "random")
+
+
+def unit_scores(
+    graph: DependencyGraph,
+    stats: CalibStats | None,
+    kind: str = "idap",
+    *,
+    mean_compensation: bool = True,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Group id -> one score per unit (module docstring)."""
+    if kind in ("l1", "l2", "random"):
+        return weight_scores(graph, kind, seed)
+    if kind not in UNIT_SCORES:
+        raise UsageError(f"unknown score '{kind}'; choose one of {', '.join(UNIT_SCORES)}")
+    if stats is None:
+        raise UsageError(f"score '{kind}' needs calibration data (--calib)")
+    if kind == "idap":
+        return _idap(graph, stats, mean_compensation)
+    return _producer_scores(graph, stats, kind)
+
+
+def _weighted_edits(graph: DependencyGraph, role: str):
+    for edit in graph.edits:
+        if edit.kind != SLICE or edit.role != role:
+            continue
+        node = graph.index.node_by_name[edit.node]
+        if WEIGHTED.get(node.op_type) == edit.input:
+            yield edit, node
+
+
+def _element_units(graph: DependencyGraph, tensor: str, groups_of_space, indices):
+    """(group id, unit) of every element of ``tensor``'s channel axis (None when fixed)."""
+    lay = graph.layouts[tensor]
+    out = []
+    for e in range(len(lay)):
+        s = int(lay.space[e])
+        g = groups_of_space.get(s)
+        unit = None if g is None else indices[g].get((s, int(lay.chan[e])))
+        out.append((g, unit))
+    return out
+
+
+def _idap(graph: DependencyGraph, stats: CalibStats, mean_compensation: bool):
+    groups_of_space = {s: g.id for g in graph.groups for s in g.spaces}
+    indices = {g.id: unit_index(g) for g in graph.groups}
+    energy = {g.id: np.zeros(g.size) for g in graph.groups}
+    n = max(stats.samples, 1)
+    for edit, node in _weighted_edits(graph, "consumer"):
+        x = edit.tensor
+        if x not in stats.channel_sumsq:
+            continue
+        w = graph.index.constant(node.input[edit.input]).astype(np.float64)
+        col = np.moveaxis(w, edit.axis, 0).reshape(w.shape[edit.axis], -1)
+        w2 = (col**2).sum(axis=1)  # ||W_k[:, c]||^2 per input element
+        m2 = stats.variance(x) if mean_compensation else stats.second_moment(x)
+        y = node.output[0]
+        y_shape = graph.index.shape(y) or ()
+        out_ch = _out_channels(node, w)
+        positions = _positions(y_shape, out_ch, stats, y)
+        out_energy = stats.energy.get(y, 0.0) / n
+        if out_energy <= 0:
+            continue
+        contrib = w2 * m2 * positions / out_energy
+        for e, (gid, unit) in enumerate(_element_units(graph, x, groups_of_space, indices)):
+            if gid is not None and unit is not None:
+                energy[gid][unit] += contrib[e]
+    return {g.id: np.sqrt(energy[g.id]) for g in graph.groups}
+
+
+def _out_channels(node, w: np.ndarray) -> int:
+    if node.op_type == "Conv":
+        return int(w.shape[0])
+    if node.op_type == "ConvTranspose":
+        return int(w.shape[1])
+    if node.op_type == "Gemm":
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        return int(w.shape[0] if trans_b else w.shape[1])
+    return int(w.shape[-1])
+
+
+def _positions(shape, out_channels: int, stats: CalibStats, y: str) -> float:
+    """Output positions per sample of a consumer: elements of one sample / output channels."""
+    dims = [d for d in shape if isinstance(d, int)]
+    if len(dims) != len(shape) or not dims:
+        return 1.0
+    per_sample = float(np.prod(dims[1:])) if len(dims) > 1 else float(dims[0])
+    return max(per_sample / max(out_channels, 1), 1.0)
+
+
+def _producer_scores(graph: DependencyGraph, stats: CalibStats, kind: str):
+    groups_of_space = {s: g.id for g in graph.groups for s in g.spaces}
+    indices = {g.id: unit_index(g) for g in graph.groups}
+    total = {g.id: np.zeros(g.size) for g in graph.groups}
+    n = max(stats.samples, 1)
+    for edit, node in _weighted_edits(graph, "producer"):
+        y = edit.tensor
+        w = graph.index.constant(node.input[edit.input]).astype(np.float64)
+        rows = np.moveaxis(w, edit.axis, 0)
+        rows = rows.reshape(rows.shape[0], -1)
+        if kind == "paper":
+            if y not in stats.relu_norm:
+                continue
+            shape = graph.index.shape(y) or ()
+            size = float(np.prod([d for d in shape[1:] if isinstance(d, int)]) or 1.0)
+            value = (stats.relu_norm[y] / n) * np.sqrt((rows**2).sum(axis=1)) / size
+        else:
+            x = node.input[0]
+            if x not in stats.channel_sumsq:
+                continue
+            xnorm2 = stats.channel_sumsq[x]
+            cols = rows.shape[1] // max(len(xnorm2), 1)
+            weights = np.repeat(xnorm2, cols) if cols * len(xnorm2) == rows.shape[1] else 1.0
+            value = np.sqrt((rows**2 * weights).sum(axis=1))
+        for e, (gid, unit) in enumerate(_element_units(graph, y, groups_of_space, indices)):
+            if gid is not None and unit is not None and e < len(value):
+                total[gid][unit] += value[e]
+    return total
+
+
+def block_divergence(stats: CalibStats) -> dict[str, float]:
+    """Block name -> D_l = E||y - x|| / E||y|| (lowest = adds least = removed first)."""
+    return {
+        name: (stats.block_diff[name] / stats.block_out[name]) if stats.block_out[name] else 0.0
+        for name in stats.block_diff
+    }

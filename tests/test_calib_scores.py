@@ -1,0 +1,140 @@
+"""Calibration statistics and IDAP++ scores, checked against numpy and the paper's claims."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from idap_onnx.blocks import find_blocks
+from idap_onnx.calib.scores import block_divergence, unit_scores
+from idap_onnx.calib.stats import collect, plan_probes
+from idap_onnx.dependency import analyze_model
+from idap_onnx.model_io import load_model
+from idap_onnx.verify import run_model
+
+
+class TinyResNet(nn.Module):
+    """conv -> relu -> [conv -> relu -> conv] + skip -> relu -> pool -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.b(torch.relu(self.a(h))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> onnx.ModelProto:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
+    torch.onnx.export(TinyResNet().eval(), torch.randn(1, 3, 12, 12), str(path), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    return load_model(path)
+
+
+def _batches(n_batches: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((4, 3, 12, 12)).astype(np.float32)}
+            for _ in range(n_batches)]
+
+
+def _measure(model):
+    graph = analyze_model(model)
+    blocks = find_blocks(model, graph.index)
+    plan = plan_probes(graph, blocks)
+    return graph, plan, collect(model, plan, _batches())
+
+
+def _pull(model, names, feeds):
+    pulled = onnx.ModelProto()
+    pulled.CopyFrom(model)
+    for name in names:
+        pulled.graph.output.append(onnx.ValueInfoProto(name=name))
+    out = run_model(pulled, feeds)
+    return dict(zip([o.name for o in pulled.graph.output], out, strict=True))
+
+
+def test_in_graph_statistics_equal_numpy_on_full_activations(tiny):
+    graph, plan, stats = _measure(tiny)
+    names = list(plan.channels) + sorted(plan.energies)
+    full = [_pull(tiny, names, feed) for feed in _batches()]
+    for t, probe in plan.channels.items():
+        acts = np.concatenate([np.moveaxis(f[t], probe.axis, 0).reshape(
+            f[t].shape[probe.axis], -1) for f in full], axis=1).astype(np.float64)
+        np.testing.assert_allclose(stats.mean(t), acts.mean(axis=1), rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(stats.second_moment(t), (acts**2).mean(axis=1), rtol=1e-6)
+    for y in plan.energies:
+        want = sum(float((f[y].astype(np.float64) ** 2).sum()) for f in full)
+        assert stats.energy[y] == pytest.approx(want, rel=1e-6)
+    assert stats.samples == 12
+
+
+def _rescaled(model: onnx.ModelProto, s: float) -> onnx.ModelProto:
+    """Multiply conv 'a' (weights and bias) by s and divide its consumer 'b' by s: with the
+    ReLU between them the function is unchanged."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    nodes = {n.name: n for n in out.graph.node}
+    a = next(n for name, n in nodes.items() if name.endswith("a/Conv"))
+    b = next(n for name, n in nodes.items() if name.endswith("b/Conv"))
+    for name, factor in ((a.input[1], s), (a.input[2], s), (b.input[1], 1 / s)):
+        arr = onnx.numpy_helper.to_array(inits[name]) * np.float32(factor)
+        inits[name].CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), name))
+    return out
+
+
+@pytest.mark.parametrize("s", [0.01, 10.0])
+def test_idap_scores_are_scale_invariant_and_weight_norms_are_not(tiny, s):
+    graph, _, stats = _measure(tiny)
+    scaled = _rescaled(tiny, s)
+    graph2, _, stats2 = _measure(scaled)
+    idap, idap2 = unit_scores(graph, stats, "idap"), unit_scores(graph2, stats2, "idap")
+    for gid in idap:
+        np.testing.assert_allclose(idap2[gid], idap[gid], rtol=1e-5, atol=1e-12)
+    dl, dl2 = block_divergence(stats), block_divergence(stats2)
+    for name in dl:
+        assert dl2[name] == pytest.approx(dl[name], rel=1e-5)
+    a_group = next(g.id for g in graph.groups if any(p.endswith("a/Conv") for p in g.producers))
+    for kind in ("l1", "wanda"):
+        before = unit_scores(graph, stats, kind)[a_group]
+        after = unit_scores(graph2, stats2, kind)[a_group]
+        assert not np.allclose(before, after, rtol=1e-3), kind
+
+
+def _edit_unit(model, node_suffix, unit, weight=0.0, bias=0.0):
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    node = next(n for n in out.graph.node if n.name.endswith(node_suffix))
+    for name, value in ((node.input[1], weight), (node.input[2], bias)):
+        arr = onnx.numpy_helper.to_array(inits[name]).copy()
+        arr[unit] = value
+        inits[name].CopyFrom(onnx.numpy_helper.from_array(arr, name))
+    return out
+
+
+def test_a_dead_unit_scores_exactly_zero(tiny):
+    dead = _edit_unit(tiny, "a/Conv", unit=2)
+    graph, _, stats = _measure(dead)
+    gid = next(g.id for g in graph.groups if any(p.endswith("a/Conv") for p in g.producers))
+    for mc in (True, False):
+        assert unit_scores(graph, stats, "idap", mean_compensation=mc)[gid][2] == 0.0
+
+
+def test_a_constant_unit_is_free_only_with_mean_compensation(tiny):
+    constant = _edit_unit(tiny, "a/Conv", unit=3, weight=0.0, bias=0.7)
+    graph, _, stats = _measure(constant)
+    gid = next(g.id for g in graph.groups if any(p.endswith("a/Conv") for p in g.producers))
+    assert unit_scores(graph, stats, "idap", mean_compensation=True)[gid][3] == 0.0
+    assert unit_scores(graph, stats, "idap", mean_compensation=False)[gid][3] > 0.0
