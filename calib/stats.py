@@ -151,8 +151,9 @@ def augment(model: onnx.ModelProto, plan: ProbePlan) -> tuple[onnx.ModelProto, l
         outputs.append(size)
     for y in sorted(plan.energies):
         name = f"idap::energy::{y}"
-        nodes.append(helper.make_node("ReduceSumSquare", [as_float(y)], [name], keepdims=0,
-                                      name=name))
+        nodes.append(
+            helper.make_node("ReduceSumSquare", [as_float(y)], [name], keepdims=0, name=name)
+        )
         outputs.append(name)
     for t, p in plan.relu_norms.items():
         relu = f"idap::relu::{t}"

@@ -85,7 +85,9 @@ def _exclusive(index: GraphIndex, nodes: list[onnx.NodeProto], add: onnx.NodePro
             n = by_name[name]
             needed = any(
                 out in outputs
-                or any(c.name not in keep and c.name != add.name for c in index.consumers.get(out, []))
+                or any(
+                    c.name not in keep and c.name != add.name for c in index.consumers.get(out, [])
+                )
                 for out in n.output
             )
             if needed:

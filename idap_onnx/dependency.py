@@ -378,7 +378,9 @@ def _group(ctx: AnalysisContext, gid: str, members: list[int]) -> ChannelGroup:
     for root, chans in unit_of_root.items():
         units.append({s: np.asarray(c, dtype=np.int64) for s, c in chans.items()})
         fixed.append(root in fixed_roots)
-    order = sorted(range(len(units)), key=lambda u: min((s, int(c[0])) for s, c in units[u].items()))
+    order = sorted(
+        range(len(units)), key=lambda u: min((s, int(c[0])) for s, c in units[u].items())
+    )
     reasons += [r for s in members for r in ctx.spaces[s].reasons]
     inexact = [r for s in members for r in ctx.spaces[s].inexact]
     return ChannelGroup(

@@ -86,7 +86,7 @@ class GraphIndex:
         return None if shape is None else len(shape)
 
     def initializer_name(self, name: str) -> str | None:
-        """The initializer behind ``name``, following ``Identity`` chains (legacy exporter dedup)."""
+        """The initializer behind ``name``, through ``Identity`` chains (legacy exporter dedup)."""
         seen = 0
         while name not in self.initializers:
             node = self.producer.get(name)

@@ -38,9 +38,7 @@ def prunable_share(graph: DependencyGraph, cost: ModelCost) -> float:
     return part / total if total else 0.0
 
 
-def predict_macs(
-    graph: DependencyGraph, cost: ModelCost, removal: dict[str, list[int]]
-) -> int:
+def predict_macs(graph: DependencyGraph, cost: ModelCost, removal: dict[str, list[int]]) -> int:
     """MACs after removing ``removal`` (see module docstring), without building the model."""
     dead = graph.removed_channels(removal)
     masks: dict[str, float] = {}
@@ -54,7 +52,11 @@ def predict_macs(
     for e in graph.edits:
         if e.kind == SLICE and e.role in ("producer", "consumer"):
             node = graph.index.node_by_name.get(e.node)
-            if node is not None and node.op_type in _WEIGHTED and e.input == _WEIGHT_SLOT[node.op_type]:
+            if (
+                node is not None
+                and node.op_type in _WEIGHTED
+                and e.input == _WEIGHT_SLOT[node.op_type]
+            ):
                 weight_edits[e.node][e.role] = e.tensor
     total = 0.0
     for nc in cost.nodes:

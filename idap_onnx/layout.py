@@ -55,7 +55,7 @@ class Layout:
         return replace(self, space=self.space[index], chan=self.chan[index])
 
     def keep_mask(self, removed: dict[int, np.ndarray]) -> np.ndarray:
-        """True for elements none of whose channels is in ``removed[space]`` (a bool per channel)."""
+        """True for elements none of whose channels ``removed[space]`` (bool per channel) marks."""
         keep = np.ones(len(self), dtype=bool)
         for s in self.spaces():
             dead = removed.get(s)
@@ -127,10 +127,10 @@ def split_axis(lay: Layout, dims: list[int]) -> tuple[str, Layout, int] | None:
         return "unflatten", Layout(0, space[:, 0].copy(), chan[:, 0].copy()), outer
     run = chan[:, :1] + np.arange(k)
     one_space = bool((space == space[0, 0]).all())
-    if one_space and (chan == run).all() and (chan[:, 0] % k == 0).all():
-        if not (space[:, 0] == FIXED).any():
-            heads = Layout(0, space[:, 0].copy(), chan[:, 0].copy(), fold=k, inner=inner)
-            return "heads", heads, outer
+    aligned = (chan == run).all() and (chan[:, 0] % k == 0).all()
+    if one_space and aligned and not (space[:, 0] == FIXED).any():
+        heads = Layout(0, space[:, 0].copy(), chan[:, 0].copy(), fold=k, inner=inner)
+        return "heads", heads, outer
     return "rows", Layout(0, space[0].copy(), chan[0].copy()), inner
 
 

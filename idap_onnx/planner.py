@@ -78,8 +78,9 @@ def weight_scores(graph: DependencyGraph, kind: str, seed: int = 0) -> dict[str,
         if weight is None or weight.ndim < 2:
             continue  # biases and normalization parameters are not filters
         lay = graph.layouts[edit.tensor]
-        w = np.moveaxis(np.abs(weight) if kind == "l1" else weight.astype(np.float64) ** 2,
-                        edit.axis, 0)
+        w = np.moveaxis(
+            np.abs(weight) if kind == "l1" else weight.astype(np.float64) ** 2, edit.axis, 0
+        )
         per_elem = w.reshape(w.shape[0], -1).sum(axis=1)
         n_elem = w.reshape(w.shape[0], -1).shape[1]
         for e in range(len(lay)):
@@ -93,8 +94,9 @@ def weight_scores(graph: DependencyGraph, kind: str, seed: int = 0) -> dict[str,
                 count[g.id][u] += n_elem
     scores = {}
     for gid in total:
-        mean = np.divide(total[gid], count[gid], out=np.zeros_like(total[gid]),
-                         where=count[gid] > 0)
+        mean = np.divide(
+            total[gid], count[gid], out=np.zeros_like(total[gid]), where=count[gid] > 0
+        )
         scores[gid] = mean if kind == "l1" else np.sqrt(mean)
     return scores
 
@@ -126,12 +128,16 @@ def plan_removal(
         if len(taken.get(gid, [])) < limit[gid]:
             taken.setdefault(gid, []).append(u)
             target -= 1
-    return {gid: _rounded(graph.group(gid), units, scores[gid], config.round_to, limit[gid])
-            for gid, units in taken.items() if units}
+    return {
+        gid: _rounded(graph.group(gid), units, scores[gid], config.round_to, limit[gid])
+        for gid, units in taken.items()
+        if units
+    }
 
 
-def _rounded(group: ChannelGroup, units: list[int], score: np.ndarray, round_to: int,
-             limit: int) -> list[int]:
+def _rounded(
+    group: ChannelGroup, units: list[int], score: np.ndarray, round_to: int, limit: int
+) -> list[int]:
     """Remove the lowest-scored units so the kept count is a multiple of ``round_to``."""
     if round_to == 1:
         return sorted(units)

@@ -116,7 +116,9 @@ def self_check(
                     f"MACs {result.macs_after} != predicted {result.macs_predicted}"
                 )
     except Exception as exc:  # report, the suite decides
-        result.errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        result.errors.append(
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        )
     _check_blocks(model, graph, feeds, rng, result, tol)
     return result
 
@@ -174,8 +176,12 @@ def _check_blocks(model, graph, feeds, rng, result: SelfCheck, tol: float) -> No
                 err = max(rel_l2(a, b) for a, b in zip(got, want, strict=True))
                 result.block_error = max(result.block_error, err)
                 if err > tol:
-                    result.errors.append(f"block {block.name} differs from zeroed branch: {err:.2e}")
+                    result.errors.append(
+                        f"block {block.name} differs from zeroed branch: {err:.2e}"
+                    )
             else:
                 check_rewrite(model, removed, feeds)
     except Exception as exc:  # report, the suite decides
-        result.errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        result.errors.append(
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        )

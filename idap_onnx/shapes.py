@@ -240,7 +240,9 @@ def concrete_input_shapes(
             continue
         dims = value.type.tensor_type.shape.dim
         shapes[value.name] = [
-            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (batch if i == 0 else other)
+            d.dim_value
+            if d.HasField("dim_value") and d.dim_value > 0
+            else (batch if i == 0 else other)
             for i, d in enumerate(dims)
         ]
     return shapes
@@ -258,7 +260,6 @@ def complete_shapes(model: onnx.ModelProto, rounds: int = 40) -> onnx.ModelProto
     ``model``'s ``value_info``; its nodes are not changed.
     """
     import onnx_graphsurgeon as gs
-
     import onnxruntime as ort
 
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.CRITICAL
@@ -293,8 +294,11 @@ def _fold_once(gs, model: onnx.ModelProto) -> onnx.ModelProto:
         graph = gs.import_onnx(model)
         try:
             graph.fold_constants(
-                fold_shapes=True, flatten_subgraphs=False, partitioning=partitioning,
-                size_threshold=1 << 20, error_ok=False,
+                fold_shapes=True,
+                flatten_subgraphs=False,
+                partitioning=partitioning,
+                size_threshold=1 << 20,
+                error_ok=False,
             )
         except Exception:
             if partitioning:

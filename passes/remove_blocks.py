@@ -14,8 +14,8 @@ import onnx
 
 from idap_onnx.blocks import Block, find_blocks
 from idap_onnx.errors import UsageError
-from idap_onnx.passes.cleanup import finalize
 from idap_onnx.graph import GraphIndex
+from idap_onnx.passes.cleanup import finalize
 from idap_onnx.shapes import analysis_shapes
 
 
@@ -64,5 +64,7 @@ def _remove(model: onnx.ModelProto, block: Block) -> None:
                 node.input[k] = block.input
     if block.output in outputs:
         graph.node.append(
-            onnx.helper.make_node("Identity", [block.input], [block.output], name=f"{block.name}/id")
+            onnx.helper.make_node(
+                "Identity", [block.input], [block.output], name=f"{block.name}/id"
+            )
         )

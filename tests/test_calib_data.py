@@ -9,6 +9,8 @@ import onnx
 import onnx.parser
 import onnxruntime as ort
 import pytest
+from PIL import Image, ImageDraw
+
 from idap_onnx.calib.data import (
     DataError,
     ImageSpec,
@@ -19,8 +21,6 @@ from idap_onnx.calib.data import (
     require,
     split,
 )
-from PIL import Image, ImageDraw
-
 from idap_onnx.errors import UsageError
 
 HEADER = '<ir_version: 8, opset_import: ["" : 18]>\n'

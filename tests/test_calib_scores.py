@@ -36,16 +36,22 @@ class TinyResNet(nn.Module):
 def tiny(tmp_path_factory) -> onnx.ModelProto:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
-    torch.onnx.export(TinyResNet().eval(), torch.randn(1, 3, 12, 12), str(path), dynamo=False,
-                      opset_version=17, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    torch.onnx.export(
+        TinyResNet().eval(),
+        torch.randn(1, 3, 12, 12),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+    )
     return load_model(path)
 
 
 def _batches(n_batches: int = 3, seed: int = 0):
     rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal((4, 3, 12, 12)).astype(np.float32)}
-            for _ in range(n_batches)]
+    return [{"x": rng.standard_normal((4, 3, 12, 12)).astype(np.float32)} for _ in range(n_batches)]
 
 
 def _measure(model):
@@ -69,8 +75,10 @@ def test_in_graph_statistics_equal_numpy_on_full_activations(tiny):
     names = list(plan.channels) + sorted(plan.energies)
     full = [_pull(tiny, names, feed) for feed in _batches()]
     for t, probe in plan.channels.items():
-        acts = np.concatenate([np.moveaxis(f[t], probe.axis, 0).reshape(
-            f[t].shape[probe.axis], -1) for f in full], axis=1).astype(np.float64)
+        acts = np.concatenate(
+            [np.moveaxis(f[t], probe.axis, 0).reshape(f[t].shape[probe.axis], -1) for f in full],
+            axis=1,
+        ).astype(np.float64)
         np.testing.assert_allclose(stats.mean(t), acts.mean(axis=1), rtol=1e-6, atol=1e-12)
         np.testing.assert_allclose(stats.second_moment(t), (acts**2).mean(axis=1), rtol=1e-6)
     for y in plan.energies:

@@ -8,7 +8,6 @@ either reads zeros); channels on M or N pass to the output's M or N axis.
 
 from __future__ import annotations
 
-
 import onnx
 
 from idap_onnx.dependency import AnalysisContext
@@ -76,6 +75,3 @@ def _role(lay, rank: int, own: str) -> str:
     if own == "M":
         return "M" if lay.axis == rank - 2 else "K"
     return "N" if lay.axis == rank - 1 else "K"
-
-
-

@@ -73,10 +73,12 @@ def conv(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         out = _produce(node, ctx, c_out, 1)
         per_in, per_out = c_in // groups, c_out // groups
         for j in range(groups):
-            ctx.tie([
-                (lay, np.arange(j * per_in, (j + 1) * per_in)),
-                (out, np.arange(j * per_out, (j + 1) * per_out)),
-            ])
+            ctx.tie(
+                [
+                    (lay, np.arange(j * per_in, (j + 1) * per_in)),
+                    (out, np.arange(j * per_out, (j + 1) * per_out)),
+                ]
+            )
         ctx.sink(node, x)
         ctx.edit(GROUP_ATTR, node, node.output[0], extra=(per_out,))
     ctx.edit(SLICE, node, node.output[0], input=1, axis=0, role="producer")

@@ -140,7 +140,9 @@ def reshape(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         if pos not in big_in or (inner is not None and inner not in big_in):
             ctx.decline(node, f"Reshape '{node.name}': channel axis of size 1")
             return
-        merged = merge_axes(lay, dims, big_in.index(pos), None if inner is None else big_in.index(inner))
+        merged = merge_axes(
+            lay, dims, big_in.index(pos), None if inner is None else big_in.index(inner)
+        )
         flat_nz = Layout(0, nz.astype(np.int64), np.zeros(len(nz), np.int64))
         merged_nz = merge_axes(flat_nz, dims, big_in.index(pos), None)
         if merged is None:
@@ -161,8 +163,11 @@ def reshape(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
             _unpacked_later(ctx, node.output[0], outer)
             or _swapped_next(ctx, node.output[0], outer, inner)
         ):
-            kind, new, at = "rows", Layout(0, lay.space[: len(lay) // len(new)],
-                                           lay.chan[: len(lay) // len(new)]), new.inner
+            kind, new, at = (
+                "rows",
+                Layout(0, lay.space[: len(lay) // len(new)], lay.chan[: len(lay) // len(new)]),
+                new.inner,
+            )
         k = len(lay) // len(new)
         if kind == "heads" and _target_entry(node, ctx, inner) is None:
             ctx.decline(node, f"Reshape '{node.name}': head size computed at run time")
@@ -228,8 +233,7 @@ def _unpacked_later(ctx: AnalysisContext, name: str, axis: int) -> bool:
         rank = ctx.rank(name) or 0
         if user.op_type in ("Gather", "Split"):
             return all(
-                u.op_type == user.op_type and int(attr(u, "axis", 0)) % rank == axis
-                for u in users
+                u.op_type == user.op_type and int(attr(u, "axis", 0)) % rank == axis for u in users
             )
         if len(users) != 1:
             return False
@@ -274,7 +278,9 @@ def _reshape_edit(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool
             ctx.edit(RESHAPE_DIM, node, node.output[0], input=1, axis=axis)
         return True
     piece = ctx.index.producer.get(node.input[1])
-    sizes = [] if piece is None or piece.op_type != "Concat" else [ctx.shape(p) for p in piece.input]
+    sizes = (
+        [] if piece is None or piece.op_type != "Concat" else [ctx.shape(p) for p in piece.input]
+    )
     if not sizes or any(s is None or len(s) != 1 or not isinstance(s[0], int) for s in sizes):
         ctx.decline(node, f"Reshape '{node.name}': target shape computed at run time")
         return False
@@ -284,7 +290,11 @@ def _reshape_edit(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool
     if value is not None:
         if int(np.atleast_1d(value)[axis - offsets[i]]) > 0:
             ctx.edit(
-                RESHAPE_DIM, piece, node.output[0], input=i, axis=int(axis - offsets[i]),
+                RESHAPE_DIM,
+                piece,
+                node.output[0],
+                input=i,
+                axis=int(axis - offsets[i]),
                 extra=(node.name,),
             )
         return True
@@ -341,8 +351,9 @@ def flatten(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
     inner = None if lay.inner is None else lay.inner - k
     merged = merge_axes(lay, part, lay.axis - k, inner)
     nz = ctx.nonzero(node.input[0])
-    merged_nz = merge_axes(Layout(0, nz.astype(np.int64), np.zeros(len(nz), np.int64)),
-                           part, lay.axis - k, None)
+    merged_nz = merge_axes(
+        Layout(0, nz.astype(np.int64), np.zeros(len(nz), np.int64)), part, lay.axis - k, None
+    )
     if merged is None:
         ctx.decline(node, f"Flatten '{node.name}' merges a head without its channels")
         return
@@ -585,10 +596,10 @@ def resize(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         value = ctx.const(node.input[i]) if node.input[i] else None
         if value is None or value.size == 0 or value.ndim != 1:
             continue
-        if value.dtype.kind == "f" and value.size == ctx.rank(node.input[0]):
-            if float(value[lay.axis]) != 1.0:
-                ctx.decline(node, f"{node.op_type} '{node.name}' scales the channel axis")
-                return
+        scales = value.dtype.kind == "f" and value.size == ctx.rank(node.input[0])
+        if scales and float(value[lay.axis]) != 1.0:
+            ctx.decline(node, f"{node.op_type} '{node.name}' scales the channel axis")
+            return
         if value.dtype.kind == "i" and value.size == ctx.rank(node.input[0]) and i == 3:
             ctx.edit(RESHAPE_DIM, node, node.output[0], input=i, axis=lay.axis)
     passthrough(node, ctx)
@@ -614,7 +625,9 @@ def shape_of(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
     channel_pos = lay.axis - start
     for user in ctx.index.consumers.get(node.output[0], []):
         if not _shape_use_is_safe(ctx, user, channel_pos, end - start, node.input[0]):
-            ctx.fix(lay, f"{user.op_type} '{user.name}' uses the channel count of '{node.input[0]}'")
+            ctx.fix(
+                lay, f"{user.op_type} '{user.name}' uses the channel count of '{node.input[0]}'"
+            )
             return
 
 

@@ -78,8 +78,10 @@ def softmax(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         return
     default = 1 if ctx.opset < 13 else -1
     axis = int(attr(node, "axis", default)) % rank
-    over = lay.axis >= axis if ctx.opset < 13 and node.op_type != "LpNormalization" else (
-        lay.axis == axis
+    over = (
+        lay.axis >= axis
+        if ctx.opset < 13 and node.op_type != "LpNormalization"
+        else (lay.axis == axis)
     )
     if over:
         ctx.consume(node, lay)

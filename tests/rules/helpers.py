@@ -23,10 +23,10 @@ import numpy as np
 import onnx
 import onnx.parser
 import onnxruntime as ort
-from idap_onnx.passes.prune_channels import prune_channels, zero_units
 from onnx import numpy_helper
 
 from idap_onnx.dependency import ChannelGroup, DependencyGraph, analyze_model
+from idap_onnx.passes.prune_channels import prune_channels, zero_units
 
 OPSET = 17
 REL_TOL = 1e-5

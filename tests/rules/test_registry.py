@@ -22,9 +22,9 @@ from helpers import (
     resolve,
     run,
 )
-from idap_onnx.passes.prune_channels import prune_channels, zero_units
 
 from idap_onnx.oprules import RULES, lookup
+from idap_onnx.passes.prune_channels import prune_channels, zero_units
 
 HERE = Path(__file__).resolve().parent
 
