@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -13,7 +14,6 @@ from idap_onnx.calib.scores import block_divergence, unit_scores
 from idap_onnx.calib.stats import collect, plan_probes
 from idap_onnx.dependency import analyze_model
 from idap_onnx.model_io import load_model
-from idap_onnx.verify import run_model
 
 
 class TinyResNet(nn.Module):
@@ -62,11 +62,17 @@ def _measure(model):
 
 
 def _pull(model, names, feeds):
+    """The full activations ``names``, from a session with the same settings as ``collect``
+    (graph optimizations off: fused kernels round differently)."""
     pulled = onnx.ModelProto()
     pulled.CopyFrom(model)
     for name in names:
         pulled.graph.output.append(onnx.ValueInfoProto(name=name))
-    out = run_model(pulled, feeds)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(pulled.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    out = sess.run(None, feeds)
     return dict(zip([o.name for o in pulled.graph.output], out, strict=True))
 
 
@@ -146,3 +152,43 @@ def test_a_constant_unit_is_free_only_with_mean_compensation(tiny):
     gid = next(g.id for g in graph.groups if any(p.endswith("a/Conv") for p in g.producers))
     assert unit_scores(graph, stats, "idap", mean_compensation=True)[gid][3] == 0.0
     assert unit_scores(graph, stats, "idap", mean_compensation=False)[gid][3] > 0.0
+
+
+def _load_zoo():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "idap_zoo" not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "tools" / "zoo.py"
+        spec = importlib.util.spec_from_file_location("idap_zoo", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["idap_zoo"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["idap_zoo"]
+
+
+def test_in_graph_statistics_equal_numpy_on_a_transformer():
+    zoo = _load_zoo()
+    model = load_model(zoo.build("bert_tiny"))
+    feeds = [zoo.make_inputs("bert_tiny", seed=s) for s in range(3)]
+    shapes = {k: list(v.shape) for k, v in feeds[0].items()}
+    graph = analyze_model(model, shapes)
+    plan = plan_probes(graph, find_blocks(model, graph.index))
+    stats = collect(model, plan, feeds)
+    assert any(p.rank == 3 for p in plan.channels.values())  # token tensors [B, S, D]
+    names = list(plan.channels) + sorted(plan.energies)
+    full = [_pull(model, names, feed) for feed in feeds]
+    for t, probe in plan.channels.items():
+        acts = np.concatenate(
+            [np.moveaxis(f[t], probe.axis, 0).reshape(f[t].shape[probe.axis], -1) for f in full],
+            axis=1,
+        ).astype(np.float64)
+        np.testing.assert_allclose(stats.mean(t), acts.mean(axis=1), rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(stats.second_moment(t), (acts**2).mean(axis=1), rtol=1e-6)
+    for y in plan.energies:
+        want = sum(float((f[y].astype(np.float64) ** 2).sum()) for f in full)
+        assert stats.energy[y] == pytest.approx(want, rel=1e-6)
+    heads = unit_scores(graph, stats, "idap")
+    head_groups = [g for g in graph.groups if g.size == 4 and not g.frozen]
+    assert head_groups and all(heads[g.id].shape == (4,) for g in head_groups)
