@@ -727,6 +727,11 @@ class _Subset:
     def __len__(self) -> int:
         return len(self._indices)
 
+    @property
+    def indices(self) -> list[int]:
+        """Positions of these samples in the base dataset (to split labels alike)."""
+        return list(self._indices)
+
     def __getitem__(self, i: int) -> Sample:
         return self._base[self._indices[_index(i, len(self._indices))]]
 

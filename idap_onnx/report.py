@@ -214,3 +214,45 @@ def render_blocks(report: BlockReport) -> str:
     if report.output:
         lines.append(f"Wrote {report.output}")
     return "\n".join(lines)
+
+
+def render_score(report, top: int = 10) -> str:
+    """The ``idap-onnx score`` text: provider, the ``top`` least and most important units, and
+    every removable block ranked by ``D_l`` (``report`` is a ``score_api.ScoreReport``)."""
+    lines = _model_lines(report.model, report.input_shapes)
+    lines.append(f"Data: {report.data}")
+    held = (f", {report.validation_samples} validation samples held out (unused)"
+            if report.validation_samples else "")
+    lines.append(f"Calibrated on {report.samples} samples, batch {report.batch_size}{held}")
+    t = report.timing
+    lines.append(f"Provider: {report.provider} (--device {report.device}); "
+                 f"{t.calibrate_s:.1f}s, {t.samples_per_s:.1f} samples/s")
+    mc = "on" if report.mean_compensation else "off"
+    lines.append(f"Score: {report.score}" + (f", mean compensation {mc}"
+                                             if report.score == "idap" else ""))
+    ranking = report.ranking()
+    frozen = sum(g.frozen for g in report.groups)
+    lines += ["", f"Removable units: {len(ranking)} in {len(report.groups) - frozen} groups; "
+              f"frozen groups (not ranked): {frozen}"]
+    k = max(int(top), 0)
+    if ranking and k:
+        for title, rows in (("Least important (removed first)", ranking[:k]),
+                            ("Most important", ranking[::-1][:k])):
+            lines += ["", f"{title}: {len(rows)}"]
+            lines.append(table(("group", "unit", report.score, "producer"), [
+                (r.group, r.unit, _score_text(r.score),
+                 f"{r.producer}[{r.channel}]"
+                 + (f" (+{r.more_producers} more)" if r.more_producers else ""))
+                for r in rows
+            ]))
+    lines += ["", f"Blocks ranked by D_l (lowest adds least, removed first): {len(report.blocks)}"]
+    if report.blocks:
+        lines.append(table(("rank", "block", "kind", "nodes", "D_l"), [
+            (i + 1, b.name, b.kind, b.nodes, _score_text(b.divergence))
+            for i, b in enumerate(report.blocks)
+        ]))
+    return "\n".join(lines)
+
+
+def _score_text(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else str(value)

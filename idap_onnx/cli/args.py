@@ -56,6 +56,122 @@ def add_output_args(parser: argparse.ArgumentParser, *, model_output: bool) -> N
     )
 
 
+def add_calib_args(
+    parser: argparse.ArgumentParser, *, batch_size: int = 8, val_fraction: float = 0.0
+) -> None:
+    """``--calib DATA`` and the data flags of ``docs/DATA.md`` (``calib.data.load_data``)."""
+    group = parser.add_argument_group("calibration data (docs/DATA.md)")
+    group.add_argument(
+        "--calib", metavar="DATA", required=True,
+        help="a .npz/.npy file or a folder of them (arrays keyed by input name, samples on "
+             "axis 0), a folder of images, a .txt of sentences (with --tokenizer), or 'random' "
+             "(synthetic, smoke tests only) (required)",
+    )
+    group.add_argument(
+        "--val-fraction", metavar="F", type=float, default=val_fraction,
+        help="fraction of the samples split off as validation data, in [0, 1); never used for "
+             f"calibration (default: {val_fraction:g})",
+    )
+    group.add_argument(
+        "--batch-size", metavar="N", type=int, default=batch_size,
+        help=f"samples per ONNX Runtime run (default: {batch_size})",
+    )
+    group.add_argument(
+        "--seed", metavar="S", type=int, default=0,
+        help="seed of the validation split and of --calib random (default: 0)",
+    )
+    group.add_argument(
+        "--num-random", metavar="N", type=int, default=64,
+        help="number of samples of --calib random (default: 64)",
+    )
+    group.add_argument(
+        "--tokenizer", metavar="DIR", default=None,
+        help="HuggingFace tokenizer folder (save_pretrained) for a .txt of sentences, loaded "
+             "offline (default: none)",
+    )
+    group.add_argument(
+        "--seq-len", metavar="N", type=int, default=128,
+        help="token sequence length for text and for symbolic dims of --calib random "
+             "(default: 128)",
+    )
+    group.add_argument(
+        "--image-size", metavar="N|HxW", type=_size, default=None,
+        help="resize the shorter side to N, or exactly to HxW (default: crop * 256/224)",
+    )
+    group.add_argument(
+        "--image-crop", metavar="HxW", type=_pair, default=None,
+        help="center crop (default: the model input's H and W)",
+    )
+    group.add_argument(
+        "--image-mean", metavar="a,b,c", type=_floats, default=None,
+        help="per-channel mean in the model's channel order (default: ImageNet "
+             "0.485,0.456,0.406)",
+    )
+    group.add_argument(
+        "--image-std", metavar="a,b,c", type=_floats, default=None,
+        help="per-channel std (default: ImageNet 0.229,0.224,0.225)",
+    )
+    group.add_argument(
+        "--image-scale", metavar="X", type=float, default=None,
+        help="pixel multiplier before normalizing (default: 1/255)",
+    )
+    group.add_argument(
+        "--image-bgr", action="store_true",
+        help="feed channels in BGR order (default: RGB)",
+    )
+    group.add_argument(
+        "--image-layout", choices=("NCHW", "NHWC"), default=None,
+        help="image input layout (default: inferred from the model input)",
+    )
+
+
+def _pair(text: str) -> tuple[int, int]:
+    """``HxW`` (or ``N`` for ``NxN``) as two positive ints."""
+    parts = text.lower().split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not HxW with positive ints, e.g. 224x224")
+    return values
+
+
+def _size(text: str) -> int | tuple[int, int]:
+    if "x" in text.lower():
+        return _pair(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive int or HxW, e.g. 256")
+    return value
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not comma-separated numbers, e.g. 0.5,0.5,0.5"
+        ) from None
+
+
+def image_spec(args: argparse.Namespace):
+    """The ``calib.data.ImageSpec`` of the ``--image-*`` flags (its defaults where not given;
+    raises UsageError on inconsistent values)."""
+    from idap_onnx.calib.data import ImageSpec
+
+    given = {
+        "size": args.image_size, "crop": args.image_crop, "mean": args.image_mean,
+        "std": args.image_std, "scale": args.image_scale, "layout": args.image_layout,
+    }
+    return ImageSpec(bgr=args.image_bgr, **{k: v for k, v in given.items() if v is not None})
+
+
 def add_logging_args(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
     """``--verbose``; on subcommands its default is suppressed so a top-level flag survives."""
     group = parser.add_argument_group("logging")

@@ -2,8 +2,8 @@
 
 A subcommand is registered once in :data:`COMMANDS`; its ``run`` imports the library only when
 it runs, so ``idap-onnx --help`` and ``--version`` start fast. Every ``run`` has a Python
-equivalent in ``idap_onnx.api`` (``inspect``, ``prune``, ``remove_blocks``) that a pipeline
-calls directly.
+equivalent in ``idap_onnx.api`` (``inspect``, ``prune``, ``remove_blocks``) or
+``idap_onnx.score_api.score`` that a pipeline calls directly.
 """
 
 from __future__ import annotations
@@ -137,6 +137,73 @@ def _remove_blocks(args: argparse.Namespace) -> None:
     shared.emit_report(args, result.to_dict(), report.render_blocks(result))
 
 
+# -- score -------------------------------------------------------------------------------------
+
+
+#: ``calib.scores.UNIT_SCORES`` and ``score_api.DEVICES``, spelled out so that building the
+#: parser imports no library (tests/test_score.py checks they agree).
+SCORE_CHOICES = ("idap", "paper", "wanda", "l1", "l2", "random")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def _score_args(parser: argparse.ArgumentParser) -> None:
+    shared.add_model_args(parser)
+    shared.add_output_args(parser, model_output=False)
+    shared.add_calib_args(parser, batch_size=8, val_fraction=0.0)
+    group = parser.add_argument_group("scores")
+    group.add_argument(
+        "--score", choices=SCORE_CHOICES, default="idap",
+        help="unit score: IDAP++ flow divergence D_f (idap), the released code's score "
+             "(paper), Wanda (wanda), weight norms (l1, l2) or seeded random; blocks are "
+             "always ranked by D_l (default: idap)",
+    )
+    group.add_argument(
+        "--no-mean-compensation", dest="mean_compensation", action="store_false",
+        help="idap counts each channel's full second moment instead of its variance alone "
+             "(default: mean compensation on)",
+    )
+    group.add_argument(
+        "--top", metavar="K", type=int, default=10,
+        help="print the K least and K most important units (default: 10); --json always "
+             "holds every score",
+    )
+    group.add_argument(
+        "--device", choices=DEVICE_CHOICES, default="auto",
+        help="ONNX Runtime device: auto takes CUDA when available (default: auto)",
+    )
+    group.add_argument(
+        "--no-progress", dest="progress", action="store_false",
+        help="no progress bar while calibrating (default: a bar on stderr when it is a "
+             "terminal)",
+    )
+
+
+def _score(args: argparse.Namespace) -> None:
+    import sys
+    import warnings
+
+    from idap_onnx import report, score_api
+
+    shared.check_paths(args)
+    if args.top < 0:
+        from idap_onnx.errors import UsageError
+
+        raise UsageError(f"--top {args.top} must be >= 0")
+    with warnings.catch_warnings(record=True) as caught:  # each as one logged line
+        warnings.simplefilter("always", UserWarning)
+        result = score_api.score(
+            args.model, args.calib, score=args.score, mean_compensation=args.mean_compensation,
+            val_fraction=args.val_fraction, batch_size=args.batch_size, device=args.device,
+            input_shapes=shared.input_shapes(args), image=shared.image_spec(args),
+            tokenizer=args.tokenizer, seq_len=args.seq_len, num_random=args.num_random,
+            seed=args.seed, progress=args.progress and sys.stderr.isatty(),
+        )
+    for warning in caught:
+        _LOG.warning("%s", warning.message)
+    _LOG.info("scored %s in %.1fs", args.model, result.timing.total_s)
+    shared.emit_report(args, result.to_dict(top=args.top), report.render_score(result, args.top))
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "inspect",
@@ -175,5 +242,20 @@ COMMANDS: tuple[Command, ...] = (
         "res:/blocks.11/Add_1 --json report.json",
         _remove_blocks_args,
         _remove_blocks,
+    ),
+    Command(
+        "score",
+        "score every channel unit and removable block on calibration data (IDAP++)",
+        "Run the model once over the calibration data with in-graph statistics (ONNX Runtime)\n"
+        "and score every channel unit (flow divergence D_f, or a baseline score) and every\n"
+        "removable block (layer divergence D_l). Prints the provider that ran, the least and\n"
+        "most important units and all blocks ranked by D_l; --json holds every score.\n"
+        "Nothing is modified.\n\n"
+        "examples:\n"
+        "  idap-onnx score resnet50.onnx --calib imagenet_sample/ --val-fraction 0.1\n"
+        "  idap-onnx score bert.onnx --calib sentences.txt --tokenizer bert-tok/ --seq-len 128\n"
+        "  idap-onnx score model.onnx --calib calib.npz --score wanda --top 20 --json scores.json",
+        _score_args,
+        _score,
     ),
 )

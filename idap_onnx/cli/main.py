@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "examples:\n"
         "  idap-onnx inspect model.onnx\n"
         "  idap-onnx prune model.onnx -o pruned.onnx --ratio 0.3\n"
-        "  idap-onnx remove-blocks model.onnx -o out.onnx --blocks res:/layer1/layer1.1/Add\n\n"
+        "  idap-onnx remove-blocks model.onnx -o out.onnx --blocks res:/layer1/layer1.1/Add\n"
+        "  idap-onnx score model.onnx --calib calib.npz --json scores.json\n\n"
         "Run `idap-onnx COMMAND --help` for the flags of each command.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {version()}",

@@ -1,0 +1,358 @@
+"""The two-stage IDAP++ pipeline (METHOD.md sections 4 and 5) under an accuracy budget.
+
+Stage 1, iteration t = 0..T-1: re-measure the flow statistics on the calibration part,
+score every unit (``idap`` by default), and remove the fraction
+
+    p_t = p0 * (1 + t / T) ** alpha
+
+of the remaining prunable units, lowest score first, ranked globally (``planner``), with the
+removed inputs' means folded into the consumers' biases (mean compensation). The candidate is
+evaluated on the validation part against the original model; a step that breaks the budget is
+undone and retried with half the fraction; after ``retries`` failures stage 1 ends. It stops
+early once the FLOPs/params target is met (the last step is shrunk to land on the target).
+
+Stage 2: blocks (residual branches, chains) ranked by layer divergence ``D_l`` ascending are
+removed one at a time; a removal that breaks the budget is restored and the block marked
+essential.
+
+The model returned is always the last one inside the budget. Calibration data never serves
+for the budget and validation data never for the scores.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from idap_onnx.accounting import model_cost
+from idap_onnx.blocks import find_blocks
+from idap_onnx.calib.scores import block_divergence, unit_scores
+from idap_onnx.calib.stats import collect, plan_probes
+from idap_onnx.dependency import DependencyGraph, analyze_model
+from idap_onnx.errors import UsageError
+from idap_onnx.group_costs import predict_macs
+from idap_onnx.metrics import Evaluator
+from idap_onnx.passes.prune_channels import prune_channels
+from idap_onnx.passes.remove_blocks import remove_blocks
+from idap_onnx.planner import PlanConfig, plan_removal
+
+Batch = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Every setting of ``optimize`` (the CLI flags and ``--config`` mirror these fields).
+
+    ``target_flops``/``target_params``: a fraction of the original kept (<= 1) or an
+    absolute count (> 1). Budget: ``max_drop`` metric points (with labels; top-1 in percentage
+    points) or ``max_error`` (relative output error / metric for ``rel-l2``).
+    """
+
+    target_flops: float | None = None
+    target_params: float | None = None
+    max_drop: float | None = None
+    max_error: float | None = None
+    metric: str = "auto"
+    score: str = "idap"
+    mean_compensation: bool = True
+    refit: bool = False
+    p0: float = 0.05
+    alpha: float = 1.5
+    steps: int = 10
+    round_to: int = 1
+    max_group_ratio: float = 0.9
+    ignore: tuple[str, ...] = ()
+    retries: int = 3
+    stages: tuple[int, ...] = (1, 2)
+    max_blocks: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+
+    def check(self) -> None:
+        if self.max_drop is not None and self.max_error is not None:
+            raise UsageError("give either max_drop (with labels) or max_error, not both")
+        for name in ("target_flops", "target_params"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"{name} {value} must be > 0 (a kept fraction or a count)")
+        if not 0 < self.p0 < 1 or self.steps < 1 or self.retries < 0:
+            raise UsageError("p0 must be in (0, 1), steps >= 1 and retries >= 0")
+        if not set(self.stages) <= {1, 2} or not self.stages:
+            raise UsageError(f"stages {self.stages}: choose from 1 and 2, e.g. 1,2")
+
+
+@dataclass
+class Step:
+    """One evaluated candidate (a stage-1 iteration try, or a stage-2 block)."""
+
+    stage: int
+    iteration: int
+    attempt: int
+    fraction: float
+    units_removed: int
+    blocks: list[str]
+    params: int
+    macs: int
+    metric: float
+    error: float
+    drop: float
+    accepted: bool
+    seconds: float
+
+
+@dataclass
+class OptimizeResult:
+    """The optimized model and everything the report says about how it was found."""
+
+    model: onnx.ModelProto
+    config: OptimizeConfig
+    metric_name: str
+    provider: str
+    original: dict
+    final: dict
+    steps: list[Step] = field(default_factory=list)
+    removed_blocks: list[str] = field(default_factory=list)
+    essential_blocks: list[str] = field(default_factory=list)
+    block_divergence: dict[str, float] = field(default_factory=dict)
+    kept: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        config = asdict(self.config)
+        config["ignore"] = list(config["ignore"])
+        config["stages"] = list(config["stages"])
+        return {
+            "schema_version": 1,
+            "command": "optimize",
+            "settings": config,
+            "metric": self.metric_name,
+            "provider": self.provider,
+            "original": self.original,
+            "final": self.final,
+            "steps": [asdict(s) for s in self.steps],
+            "removed_blocks": self.removed_blocks,
+            "essential_blocks": self.essential_blocks,
+            "block_divergence": self.block_divergence,
+            "kept": self.kept,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _budget(config: OptimizeConfig, evaluator: Evaluator) -> tuple[str, float]:
+    """('drop', points) or ('error', relative error): what the budget bounds."""
+    if config.max_drop is not None:
+        return "drop", config.max_drop
+    if config.max_error is not None:
+        return "error", config.max_error
+    return ("drop", 1.0) if evaluator.labels is not None else ("error", 0.05)
+
+
+def _target_macs(config: OptimizeConfig, macs: int, params: int) -> tuple[int | None, int | None]:
+    def resolve(value, total):
+        if value is None:
+            return None
+        return int(value * total) if value <= 1 else int(value)
+
+    return resolve(config.target_flops, macs), resolve(config.target_params, params)
+
+
+def _met(cost, target_macs, target_params) -> bool:
+    if target_macs is None and target_params is None:
+        return False
+    return (target_macs is None or cost.macs <= target_macs) and (
+        target_params is None or cost.params <= target_params
+    )
+
+
+def optimize(
+    model: onnx.ModelProto,
+    calib_batches: Sequence[Batch],
+    evaluator: Evaluator,
+    config: OptimizeConfig = OptimizeConfig(),
+    *,
+    input_shapes: Mapping[str, list[int]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> OptimizeResult:
+    """Run the stages of ``config`` on ``model`` (not modified); see the module docstring.
+
+    Args:
+        model: the original model.
+        calib_batches: the calibration part (scores and statistics only).
+        evaluator: judges candidates on the validation part against the original.
+        config: targets, budget, schedule.
+        input_shapes: concrete input shapes for the analysis (default: from the batches).
+        progress: called with one line per evaluated step.
+    """
+    config.check()
+    start = time.perf_counter()
+    say = progress or (lambda _line: None)
+    shapes = dict(input_shapes or {k: list(v.shape) for k, v in calib_batches[0].items()})
+    shapes = {k: [1, *v[1:]] for k, v in shapes.items()}  # costs are per sample (batch 1)
+    cost0 = model_cost(model, shapes)
+    target_macs, target_params = _target_macs(config, cost0.macs, cost0.params)
+    kind, limit = _budget(config, evaluator)
+    base = evaluator.evaluate(model)
+    result = OptimizeResult(
+        model=model,
+        config=config,
+        metric_name=evaluator.metric_name,
+        provider="CPUExecutionProvider",
+        original={"params": cost0.params, "macs": cost0.macs, "metric": base.metric},
+        final={},
+    )
+    current, cost = model, cost0
+    if 1 in config.stages:
+        current, cost = _stage1(current, cost, calib_batches, evaluator, config, shapes,
+                                (kind, limit), (target_macs, target_params), result, say)
+    if 2 in config.stages and not _met(cost, target_macs, target_params):
+        current, cost = _stage2(current, cost, calib_batches, evaluator, config, shapes,
+                                (kind, limit), (target_macs, target_params), result, say)
+    final = evaluator.evaluate(current)
+    result.model = current
+    result.final = {"params": cost.params, "macs": cost.macs, "metric": final.metric,
+                    "error": final.rel_error, "drop": evaluator.drop(final)}
+    result.kept = _kept_counts(model, current)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _within(evaluation, evaluator: Evaluator, budget: tuple[str, float]) -> tuple[bool, float]:
+    kind, limit = budget
+    drop = evaluator.drop(evaluation)
+    value = drop if kind == "drop" else evaluation.rel_error
+    return value <= limit + 1e-12, drop
+
+
+def _stage1(current, cost, calib, evaluator, config, shapes, budget, targets, result, say):
+    steps = config.steps
+    for t in range(steps):
+        if _met(cost, *targets):
+            break
+        graph = analyze_model(current, shapes)
+        stats = collect(current, plan_probes(graph), calib, device=config.device)
+        result.provider = stats.provider
+        scores = unit_scores(graph, stats, config.score,
+                             mean_compensation=config.mean_compensation, seed=config.seed)
+        fraction = config.p0 * (1 + t / steps) ** config.alpha
+        accepted = False
+        for attempt in range(config.retries + 1):
+            t0 = time.perf_counter()
+            removal = _plan(graph, scores, config, fraction, cost, targets)
+            if not removal:
+                say(f"stage 1 step {t}: nothing left to remove")
+                return current, cost
+            candidate = _prune(current, graph, removal, stats, config, shapes, calib)
+            new_cost = model_cost(candidate, shapes)
+            ev = evaluator.evaluate(candidate)
+            ok, drop = _within(ev, evaluator, budget)
+            units = sum(len(v) for v in removal.values())
+            result.steps.append(Step(1, t, attempt, fraction, units, [], new_cost.params,
+                                     new_cost.macs, ev.metric, ev.rel_error, drop, ok,
+                                     time.perf_counter() - t0))
+            say(f"stage 1 step {t}.{attempt}: -{units} units, MACs {new_cost.macs:,}, "
+                f"{evaluator.metric_name} {ev.metric:.4f}, error {ev.rel_error:.4f} "
+                f"-> {'accepted' if ok else 'undone'}")
+            if ok:
+                current, cost, accepted = candidate, new_cost, True
+                break
+            fraction /= 2
+        if not accepted:
+            say("stage 1: budget reached (retries exhausted)")
+            break
+    return current, cost
+
+
+def _plan(graph: DependencyGraph, scores, config: OptimizeConfig, fraction: float, cost,
+          targets) -> dict[str, list[int]]:
+    """The removal for ``fraction``; shrunk by bisection so it does not overshoot the MACs
+    target by more than needed."""
+
+    def removal_for(f: float):
+        return plan_removal(graph, scores, PlanConfig(
+            ratio=min(f, 0.95), round_to=config.round_to,
+            max_group_ratio=config.max_group_ratio, ignore=config.ignore))
+
+    removal = removal_for(fraction)
+    target_macs = targets[0]
+    if target_macs is None or not removal:
+        return removal
+    if predict_macs(graph, cost, removal) >= target_macs:
+        return removal
+    lo, hi = 0.0, fraction
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        if predict_macs(graph, cost, removal_for(mid)) < target_macs:
+            hi = mid
+        else:
+            lo = mid
+    return removal_for(hi) or removal
+
+
+def _prune(current, graph, removal, stats, config, shapes, calib):
+    if config.mean_compensation:
+        from idap_onnx.passes.compensate import prune_with_compensation
+
+        means = {t: stats.mean(t) for t in stats.channel_sum}
+        candidate = prune_with_compensation(current, removal, means, input_shapes=shapes)
+    else:
+        candidate = prune_channels(current, removal, graph=graph)
+    if config.refit:
+        from idap_onnx.calib.refit import refit
+
+        candidate = refit(current, candidate, calib, seed=config.seed)
+    return candidate
+
+
+def _stage2(current, cost, calib, evaluator, config, shapes, budget, targets, result, say):
+    graph = analyze_model(current, shapes)
+    blocks = find_blocks(current, graph.index)
+    stats = collect(current, plan_probes(graph, blocks), calib, device=config.device)
+    divergence = block_divergence(stats)
+    result.block_divergence = dict(sorted(divergence.items(), key=lambda kv: kv[1]))
+    order = list(result.block_divergence)
+    limit = config.max_blocks if config.max_blocks is not None else len(order)
+    for i, name in enumerate(order):
+        if len(result.removed_blocks) >= limit or _met(cost, *targets):
+            break
+        t0 = time.perf_counter()
+        try:
+            candidate = remove_blocks(current, [name])
+        except UsageError:
+            continue  # no longer a block of the current model (a removal changed it)
+        new_cost = model_cost(candidate, shapes)
+        ev = evaluator.evaluate(candidate)
+        ok, drop = _within(ev, evaluator, budget)
+        result.steps.append(Step(2, i, 0, 0.0, 0, [name], new_cost.params, new_cost.macs,
+                                 ev.metric, ev.rel_error, drop, ok, time.perf_counter() - t0))
+        say(f"stage 2 block {name} (D_l {divergence[name]:.4f}): "
+            f"{evaluator.metric_name} {ev.metric:.4f} -> {'removed' if ok else 'essential'}")
+        if ok:
+            current, cost = candidate, new_cost
+            result.removed_blocks.append(name)
+        else:
+            result.essential_blocks.append(name)
+    return current, cost
+
+
+def _kept_counts(original, final) -> dict[str, dict]:
+    """Per weighted node: output channels before and after (the 'kept fraction per layer')."""
+    def widths(model):
+        inits = {t.name: t for t in model.graph.initializer}
+        out = {}
+        for node in model.graph.node:
+            if node.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and len(node.input) > 1:
+                w = inits.get(node.input[1])
+                if w is None or len(w.dims) < 2:
+                    continue
+                trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+                dim = {"Conv": 0, "ConvTranspose": 1}.get(node.op_type, 0 if trans_b else 1)
+                out[node.name] = int(w.dims[dim])
+        return out
+
+    before, after = widths(original), widths(final)
+    return {n: {"before": b, "after": after.get(n, 0)} for n, b in before.items()}

@@ -1,0 +1,108 @@
+"""The human side of an ``optimize`` run: ``report.md`` and its PNG plots.
+
+``report.json`` is ``OptimizeResult.to_dict()`` (schema in docs/CLI.md); this module renders
+the same content as Markdown tables and two matplotlib plots: the metric against MACs across
+the evaluated steps (accepted and undone), and the kept fraction of output channels per layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from idap_onnx.accounting import format_count
+
+
+def render_markdown(report: dict, plots: dict[str, str]) -> str:
+    """Markdown for a ``report.json`` dict; ``plots`` maps plot kind -> PNG file name."""
+    o, f = report["original"], report["final"]
+    lines = [
+        "# idap-onnx optimize report",
+        "",
+        f"- metric: `{report['metric']}`; provider: `{report['provider']}`; "
+        f"time: {report['seconds']:.1f} s",
+        f"- params: {format_count(o['params'])} -> {format_count(f['params'])} "
+        f"({100 * f['params'] / max(o['params'], 1):.1f} % kept)",
+        f"- MACs: {format_count(o['macs'])} -> {format_count(f['macs'])} "
+        f"({100 * f['macs'] / max(o['macs'], 1):.1f} % kept)",
+        f"- {report['metric']}: {o['metric']:.4f} -> {f['metric']:.4f} "
+        f"(drop {f['drop']:.4f}, relative output error {f['error']:.4f})",
+        "",
+        "## Settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in report["settings"].items()]
+    lines += [
+        "",
+        "## Steps",
+        "",
+        "| stage | step | try | fraction | units removed | blocks | params | MACs | metric "
+        "| error | drop | result | time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in report["steps"]:
+        lines.append(
+            f"| {s['stage']} | {s['iteration']} | {s['attempt']} | {s['fraction']:.4f} | "
+            f"{s['units_removed']} | {' '.join(s['blocks']) or '-'} | "
+            f"{format_count(s['params'])} | {format_count(s['macs'])} | {s['metric']:.4f} | "
+            f"{s['error']:.4f} | {s['drop']:.4f} | "
+            f"{'accepted' if s['accepted'] else 'undone'} | {s['seconds']:.1f} s |"
+        )
+    if report["block_divergence"]:
+        lines += ["", "## Blocks by layer divergence D_l (ascending)", "",
+                  "| block | D_l | outcome |", "|---|---|---|"]
+        removed, essential = set(report["removed_blocks"]), set(report["essential_blocks"])
+        for name, d in report["block_divergence"].items():
+            outcome = "removed" if name in removed else (
+                "essential" if name in essential else "not tried")
+            lines.append(f"| `{name}` | {d:.4f} | {outcome} |")
+    lines += ["", "## Kept output channels per layer", "", "| node | before | after |",
+              "|---|---|---|"]
+    lines += [f"| `{n}` | {k['before']} | {k['after']} |" for n, k in report["kept"].items()]
+    for kind, name in plots.items():
+        lines += ["", f"![{kind}]({name})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(report: dict, directory: Path, stem: str) -> dict[str, str]:
+    """Write the two PNG plots next to the report; returns kind -> file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    steps = report["steps"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    o = report["original"]
+    ax.scatter([o["macs"] / 1e6], [o["metric"]], marker="*", s=120, label="original")
+    for accepted, marker, label in ((True, "o", "accepted"), (False, "x", "undone")):
+        pts = [(s["macs"] / 1e6, s["metric"]) for s in steps if s["accepted"] == accepted]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), marker=marker, label=label)
+    ax.set_xlabel("MMACs")
+    ax.set_ylabel(report["metric"])
+    ax.set_title("metric vs MACs across steps")
+    ax.legend()
+    fig.tight_layout()
+    name = f"{stem}_metric_vs_macs.png"
+    fig.savefig(directory / name, dpi=100)
+    plt.close(fig)
+    files["metric vs MACs"] = name
+
+    kept = report["kept"]
+    if kept:
+        fig, ax = plt.subplots(figsize=(max(6, len(kept) * 0.25), 4))
+        fracs = [k["after"] / max(k["before"], 1) for k in kept.values()]
+        ax.bar(range(len(fracs)), fracs)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("layer (graph order)")
+        ax.set_ylabel("kept fraction of output channels")
+        ax.set_title("kept fraction per layer")
+        fig.tight_layout()
+        name = f"{stem}_kept_per_layer.png"
+        fig.savefig(directory / name, dpi=100)
+        plt.close(fig)
+        files["kept per layer"] = name
+    return files

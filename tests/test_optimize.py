@@ -1,0 +1,104 @@
+"""`optimize` on a CNN trained here on real handwritten digits (scikit-learn's 1797 8x8
+digits): the budget holds on the validation part, undone steps show in the report, stage 2
+ranks blocks by ascending layer divergence, and runs are deterministic."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from idap_onnx.metrics import Evaluator
+from idap_onnx.optimize import OptimizeConfig
+from idap_onnx.optimize_api import prepare, run_optimize, write_outputs
+
+_TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def _tool(name: str):
+    key = f"idap_tool_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, _TOOLS / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[key]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return _tool("digits").build()
+
+
+def _samples(x: np.ndarray) -> list[dict[str, np.ndarray]]:
+    return [{"x": xi} for xi in x]
+
+
+def _test_accuracy(model, digits) -> float:
+    x, y = digits.test
+    return Evaluator(model, [{"x": x}], labels=y, metric="top1").original_metric
+
+
+def test_budget_holds_on_validation_and_test_accuracy_is_reported(digits):
+    x, y = digits.train
+    config = OptimizeConfig(max_drop=1.0, target_flops=0.3)
+    result = run_optimize(str(digits.model_path), _samples(x), config, labels=y,
+                          val_fraction=0.3)
+    assert result.final["drop"] <= 1.0  # validation accuracy within 1 point
+    assert result.final["macs"] < result.original["macs"]
+    accepted = [s for s in result.steps if s.accepted]
+    assert accepted and all(s.drop <= 1.0 for s in accepted)
+    test_before = _test_accuracy(str(digits.model_path), digits)
+    test_after = _test_accuracy(result.model, digits)
+    print(f"test accuracy {test_before:.4f} -> {test_after:.4f}")  # reported, not bounded
+    assert 0.0 < test_after <= 1.0
+
+
+def test_a_step_that_breaks_the_budget_is_undone_and_reported(digits, tmp_path):
+    x, y = digits.train
+    config = OptimizeConfig(max_drop=0.5, p0=0.6, steps=2, retries=2, stages=(1,))
+    result = run_optimize(str(digits.model_path), _samples(x), config, labels=y,
+                          val_fraction=0.3)
+    undone = [s for s in result.steps if not s.accepted]
+    assert undone, "a 60 % first step should break a 0.5-point budget"
+    assert undone[0].attempt == 0 and undone[0].fraction == pytest.approx(0.6)
+    assert result.final["drop"] <= 0.5  # the returned model is the last inside the budget
+    paths = write_outputs(result, tmp_path / "digits_opt.onnx")
+    report = paths["json"].read_text()
+    assert '"accepted": false' in report
+    assert "undone" in paths["markdown"].read_text()
+    assert all(p.exists() for p in paths.values())
+
+
+def test_stage_two_alone_tries_blocks_in_ascending_layer_divergence(digits):
+    x, y = digits.train
+    config = OptimizeConfig(max_error=10.0, stages=(2,))  # a budget loose enough to accept
+    result = run_optimize(str(digits.model_path), _samples(x), config, labels=None,
+                          val_fraction=0.3)
+    divergences = list(result.block_divergence.values())
+    assert divergences == sorted(divergences)
+    tried = [s.blocks[0] for s in result.steps if s.stage == 2]
+    assert tried == list(result.block_divergence)[: len(tried)]
+    assert result.removed_blocks, "stage 2 removes at least one block within the budget"
+
+
+def test_two_runs_with_the_same_seed_write_identical_models(digits, tmp_path):
+    x, y = digits.train
+    config = OptimizeConfig(max_drop=1.0, target_flops=0.5, seed=3)
+    outs = []
+    for k in range(2):
+        result = run_optimize(str(digits.model_path), _samples(x), config, labels=y,
+                              val_fraction=0.3)
+        path = write_outputs(result, tmp_path / f"run{k}.onnx")["model"]
+        outs.append(path.read_bytes())
+    assert outs[0] == outs[1]
+
+
+def test_calibration_and_validation_parts_are_disjoint(digits):
+    x, y = digits.train
+    prep = prepare(str(digits.model_path), _samples(x), labels=y, val_fraction=0.3)
+    n_cal = sum(len(b["x"]) for b in prep.calib)
+    assert n_cal + prep.evaluator.n_samples == len(x)

