@@ -173,7 +173,7 @@ def optimize(
     model: onnx.ModelProto,
     calib_batches: Sequence[Batch],
     evaluator: Evaluator,
-    config: OptimizeConfig = OptimizeConfig(),
+    config: OptimizeConfig | None = None,
     *,
     input_shapes: Mapping[str, list[int]] | None = None,
     progress: Callable[[str], None] | None = None,
@@ -188,6 +188,7 @@ def optimize(
         input_shapes: concrete input shapes for the analysis (default: from the batches).
         progress: called with one line per evaluated step.
     """
+    config = config or OptimizeConfig()
     config.check()
     start = time.perf_counter()
     say = progress or (lambda _line: None)

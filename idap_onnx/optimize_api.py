@@ -67,10 +67,11 @@ def prepare(
     val_fraction: float = 0.2,
     metric: str | Callable = "auto",
     batch_size: int = 8,
-    data: DataOptions = DataOptions(),
+    data: DataOptions | None = None,
     seed: int = 0,
 ) -> Prepared:
     """Load, split and batch; the evaluator judges on the validation part only."""
+    data = data or DataOptions()
     model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else load_model(
         model_or_path
     )
@@ -116,14 +117,16 @@ def _read_labels(path) -> np.ndarray:
 def run_optimize(
     model_or_path,
     calib,
-    config: OptimizeConfig = OptimizeConfig(),
+    config: OptimizeConfig | None = None,
     *,
     labels=None,
     val_fraction: float = 0.2,
-    data: DataOptions = DataOptions(),
+    data: DataOptions | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> OptimizeResult:
     """Prepare the data and run the two stages (``optimize.optimize``)."""
+    config = config or OptimizeConfig()
+    data = data or DataOptions()
     config.check()
     prep = prepare(model_or_path, calib, labels=labels, val_fraction=val_fraction,
                    metric=config.metric, batch_size=config.batch_size, data=data,
