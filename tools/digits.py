@@ -405,8 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help=f"cache folder (default ${CACHE_ENV} or .cache)"
     )
+    parser.add_argument(
+        "--print-dir", action="store_true",
+        help="build quietly (if needed) and print only the folder holding the files",
+    )
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
+    if args.print_dir:
+        print(build(args.out).model_path.parent)
+        return 0
     asset = build(args.out, log=lambda m: print(m, flush=True))
     elapsed = time.perf_counter() - t0
     print(f"model: {asset.model_path}")

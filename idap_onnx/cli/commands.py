@@ -259,3 +259,39 @@ COMMANDS: tuple[Command, ...] = (
         _score,
     ),
 )
+
+
+def _optimize_args(parser: argparse.ArgumentParser) -> None:
+    from idap_onnx.cli import optimize_cmd
+
+    optimize_cmd.add_arguments(parser)
+
+
+def _optimize(args: argparse.Namespace) -> None:
+    from idap_onnx.cli import optimize_cmd
+
+    optimize_cmd.run(args)
+
+
+COMMANDS = (
+    COMMANDS[0],
+    Command(
+        "optimize",
+        "the two-stage IDAP++ pipeline under an accuracy budget (the main job)",
+        "Stage 1 removes channel units by flow divergence on a non-linear schedule, each step\n"
+        "checked on the validation part against the original and undone when it breaks the\n"
+        "budget; stage 2 removes blocks by ascending layer divergence. Writes the smallest\n"
+        "model found inside the budget, OUT.report.json, OUT.report.md and PNG plots.\n\n"
+        "examples:\n"
+        "  idap-onnx optimize cnn.onnx --calib train.npz --labels labels.npy --max-drop 1 \\\n"
+        "      --target-flops 0.5 -o cnn.opt.onnx\n"
+        "  idap-onnx optimize encoder.onnx --calib sentences.npz --metric cosine "
+        "--max-drop 2 -o enc.opt.onnx\n"
+        "  idap-onnx optimize cnn.onnx --calib train.npz --labels labels.npy --dry-run "
+        "--json sensitivity.json\n"
+        "  idap-onnx optimize cnn.onnx --config idap.toml -o out.onnx --calib train.npz",
+        _optimize_args,
+        _optimize,
+    ),
+    *COMMANDS[1:],
+)

@@ -1,0 +1,319 @@
+"""``idap-onnx optimize``: flags (mirrored by ``--config idap.toml``) and the run.
+
+Every flag is a field of ``idap_onnx.optimize.OptimizeConfig`` or a data option; a TOML
+config file sets the same names (dashes or underscores) and the command line wins over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import tomllib
+
+from idap_onnx.cli import args as shared
+
+# config-file key -> argparse dest, for every flag of this command
+_KEYS = (
+    "labels", "val_fraction", "batch_size", "seed", "num_random", "tokenizer",
+    "seq_len", "target_flops", "target_params", "max_drop", "max_error", "metric", "score",
+    "mean_compensation", "refit", "p0", "alpha", "steps", "round_to", "max_group_ratio",
+    "ignore", "retries", "stages", "max_blocks", "device", "report_dir", "dry_run", "output",
+    "input_shape",
+)  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    shared.add_model_args(parser)
+    shared.add_output_args(parser, model_output=False)
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        default=None,
+        help="where to write the optimized model (required unless --dry-run; "
+        "must differ from MODEL); written atomically, with "
+        "OUT.report.json, OUT.report.md and PNG plots beside it",
+    )
+    shared.add_calib_args(parser, batch_size=8, val_fraction=0.2)
+    data = parser.add_argument_group("labels and budget")
+    data.add_argument(
+        "--labels",
+        metavar="FILE",
+        default=None,
+        help="class index per sample (.npy/.npz/.txt), aligned with --calib; "
+        "enables --max-drop with top-1 accuracy (default: none)",
+    )
+    data.add_argument(
+        "--metric",
+        default="auto",
+        choices=("auto", "top1", "agreement", "rel-l2", "cosine"),
+        help="what the budget measures on the validation part: auto = top1 with "
+        "--labels, else rel-l2 (default: auto)",
+    )
+    data.add_argument(
+        "--max-drop",
+        metavar="D",
+        type=float,
+        default=None,
+        help="budget: metric points lost at most (top-1 in percentage points; "
+        "default 1.0 with labels)",
+    )
+    data.add_argument(
+        "--max-error",
+        metavar="E",
+        type=float,
+        default=None,
+        help="budget: relative output error ||y - y0|| / ||y0|| at most "
+        "(default 0.05 without labels)",
+    )
+    target = parser.add_argument_group("targets")
+    target.add_argument(
+        "--target-flops",
+        metavar="F",
+        type=float,
+        default=None,
+        help="stop once FLOPs <= F: a kept fraction (<= 1) or a count "
+        "(default: none, go until the budget)",
+    )
+    target.add_argument(
+        "--target-params",
+        metavar="P",
+        type=float,
+        default=None,
+        help="stop once params <= P: a kept fraction or a count (default: none)",
+    )
+    plan = parser.add_argument_group("stages and schedule (METHOD.md sections 4-5)")
+    plan.add_argument(
+        "--stages",
+        default="1,2",
+        help="stages to run: 1 (filters), 2 (blocks) or 1,2 (default: 1,2)",
+    )
+    plan.add_argument(
+        "--score",
+        default="idap",
+        choices=("idap", "paper", "wanda", "l1", "l2", "random"),
+        help="unit score for stage 1 (default: idap)",
+    )
+    plan.add_argument(
+        "--no-mean-compensation",
+        dest="mean_compensation",
+        action="store_false",
+        default=True,
+        help="do not fold removed channels' means into consumer biases",
+    )
+    plan.add_argument(
+        "--refit",
+        action="store_true",
+        help="least-squares refit of consumers on the calibration part",
+    )
+    plan.add_argument("--p0", type=float, default=0.05, help="first step fraction (0.05)")
+    plan.add_argument("--alpha", type=float, default=1.5, help="schedule exponent (1.5)")
+    plan.add_argument("--steps", type=int, default=10, help="stage-1 iterations T (10)")
+    plan.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="halvings of a step that breaks the budget before stage 1 ends (3)",
+    )
+    plan.add_argument(
+        "--round-to",
+        type=int,
+        default=1,
+        help="keep channel counts multiples of N, e.g. 8 for tensor cores (1)",
+    )
+    plan.add_argument(
+        "--max-group-ratio",
+        type=float,
+        default=0.9,
+        help="remove at most this fraction of any group (0.9)",
+    )
+    plan.add_argument(
+        "--ignore",
+        nargs="+",
+        metavar="NODE",
+        default=[],
+        help="never prune groups these nodes produce or consume",
+    )
+    plan.add_argument(
+        "--max-blocks",
+        type=int,
+        default=None,
+        help="remove at most N blocks in stage 2 (default: no limit)",
+    )
+    plan.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="ONNX Runtime device for calibration (default: auto)",
+    )
+    plan.add_argument(
+        "--finetune",
+        action="store_true",
+        help="distillation fine-tuning between steps (not available yet)",
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only the sensitivity report: each group pruned 25/50/75 %% alone "
+        "and each block removed alone; no model written",
+    )
+    run.add_argument(
+        "--report-dir",
+        metavar="DIR",
+        default=None,
+        help="where report.json/report.md/plots go (default: beside -o)",
+    )
+    run.add_argument(
+        "--config",
+        metavar="TOML",
+        default=None,
+        help="read any of these settings from a TOML file; flags given on the command line win",
+    )
+
+
+def apply_config(args: argparse.Namespace) -> None:
+    """Fill ``args`` from ``--config`` for every setting the command line left at its
+    default (so a flag given on the command line wins)."""
+    from idap_onnx.errors import UsageError
+
+    if not args.config:
+        return
+    defaults = argparse.ArgumentParser(add_help=False)
+    add_arguments(defaults)
+    path = Path(args.config)
+    try:
+        values = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"cannot read config {path}: {exc}") from exc
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        if dest not in _KEYS:
+            raise UsageError(
+                f"config {path}: unknown setting '{key}'; settings are the "
+                "optimize flags, e.g. max-drop = 1.0"
+            )
+        if getattr(args, dest, None) == defaults.get_default(dest):
+            setattr(args, dest, value)
+
+
+def _config(args: argparse.Namespace):
+    from idap_onnx.errors import UsageError
+    from idap_onnx.optimize import OptimizeConfig
+
+    if args.finetune:
+        raise UsageError(
+            "--finetune is not available yet (the fine-tuning round trip is "
+            "open issue 5); run without it"
+        )
+    stages = (
+        args.stages
+        if isinstance(args.stages, (list, tuple))
+        else [s for s in str(args.stages).split(",") if s.strip()]
+    )
+    try:
+        stages = tuple(int(s) for s in stages)
+    except ValueError as exc:
+        raise UsageError(f"--stages {args.stages}: give 1, 2 or 1,2") from exc
+    return OptimizeConfig(
+        target_flops=args.target_flops,
+        target_params=args.target_params,
+        max_drop=args.max_drop,
+        max_error=args.max_error,
+        metric=args.metric,
+        score=args.score,
+        mean_compensation=args.mean_compensation,
+        refit=args.refit,
+        p0=args.p0,
+        alpha=args.alpha,
+        steps=args.steps,
+        round_to=args.round_to,
+        max_group_ratio=args.max_group_ratio,
+        ignore=tuple(args.ignore),
+        retries=args.retries,
+        stages=stages,
+        max_blocks=args.max_blocks,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    from idap_onnx import optimize_api
+    from idap_onnx.accounting import format_count
+
+    apply_config(args)
+    config = _config(args)
+    config.check()
+    shared.check_paths(args)
+    data = optimize_api.DataOptions(
+        image=shared.image_spec(args),
+        tokenizer=args.tokenizer,
+        seq_len=args.seq_len,
+        num_random=args.num_random,
+    )
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if args.dry_run:
+        prep = optimize_api.prepare(
+            args.model,
+            args.calib,
+            labels=args.labels,
+            val_fraction=args.val_fraction,
+            metric=config.metric,
+            batch_size=config.batch_size,
+            data=data,
+            seed=config.seed,
+        )
+        report = optimize_api.sensitivity(prep, score=config.score, progress=say)
+        text = shared.to_json(report)
+        if args.json and args.json != shared.STDOUT:
+            shared.write_text_atomic(Path(args.json), text)
+        print(
+            text
+            if args.json == shared.STDOUT
+            else f"sensitivity of {len(report['groups'])} "
+            f"groups and {len(report['blocks'])} blocks"
+            + (f" written to {args.json}" if args.json else "")
+        )
+        return
+    if not args.output:
+        from idap_onnx.errors import UsageError
+
+        raise UsageError("optimize needs -o OUT (or --dry-run)")
+    result = optimize_api.run_optimize(
+        args.model,
+        args.calib,
+        config,
+        labels=args.labels,
+        val_fraction=args.val_fraction,
+        data=data,
+        progress=say,
+    )
+    paths = optimize_api.write_outputs(
+        result, args.output, input_path=args.model, report_dir=args.report_dir
+    )
+    if args.json:
+        text = json.dumps(result.to_dict(), indent=2, sort_keys=True)
+        if args.json == shared.STDOUT:
+            print(text)
+        else:
+            shared.write_text_atomic(Path(args.json), text)
+    o, f = result.original, result.final
+    print(
+        f"params {format_count(o['params'])} -> {format_count(f['params'])} "
+        f"({100 * f['params'] / max(o['params'], 1):.1f} %), MACs {format_count(o['macs'])} "
+        f"-> {format_count(f['macs'])} ({100 * f['macs'] / max(o['macs'], 1):.1f} %) per sample"
+    )
+    print(
+        f"{result.metric_name}: {o['metric']:.4f} -> {f['metric']:.4f} "
+        f"(drop {f['drop']:.4f}); blocks removed: {len(result.removed_blocks)}"
+    )
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
