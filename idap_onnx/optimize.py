@@ -208,15 +208,40 @@ def optimize(
     )
     current, cost = model, cost0
     if 1 in config.stages:
-        current, cost = _stage1(current, cost, calib_batches, evaluator, config, shapes,
-                                (kind, limit), (target_macs, target_params), result, say)
+        current, cost = _stage1(
+            current,
+            cost,
+            calib_batches,
+            evaluator,
+            config,
+            shapes,
+            (kind, limit),
+            (target_macs, target_params),
+            result,
+            say,
+        )
     if 2 in config.stages and not _met(cost, target_macs, target_params):
-        current, cost = _stage2(current, cost, calib_batches, evaluator, config, shapes,
-                                (kind, limit), (target_macs, target_params), result, say)
+        current, cost = _stage2(
+            current,
+            cost,
+            calib_batches,
+            evaluator,
+            config,
+            shapes,
+            (kind, limit),
+            (target_macs, target_params),
+            result,
+            say,
+        )
     final = evaluator.evaluate(current)
     result.model = current
-    result.final = {"params": cost.params, "macs": cost.macs, "metric": final.metric,
-                    "error": final.rel_error, "drop": evaluator.drop(final)}
+    result.final = {
+        "params": cost.params,
+        "macs": cost.macs,
+        "metric": final.metric,
+        "error": final.rel_error,
+        "drop": evaluator.drop(final),
+    }
     result.kept = _kept_counts(model, current)
     result.seconds = time.perf_counter() - start
     return result
@@ -237,8 +262,9 @@ def _stage1(current, cost, calib, evaluator, config, shapes, budget, targets, re
         graph = analyze_model(current, shapes)
         stats = collect(current, plan_probes(graph), calib, device=config.device)
         result.provider = stats.provider
-        scores = unit_scores(graph, stats, config.score,
-                             mean_compensation=config.mean_compensation, seed=config.seed)
+        scores = unit_scores(
+            graph, stats, config.score, mean_compensation=config.mean_compensation, seed=config.seed
+        )
         fraction = config.p0 * (1 + t / steps) ** config.alpha
         accepted = False
         for attempt in range(config.retries + 1):
@@ -252,12 +278,28 @@ def _stage1(current, cost, calib, evaluator, config, shapes, budget, targets, re
             ev = evaluator.evaluate(candidate)
             ok, drop = _within(ev, evaluator, budget)
             units = sum(len(v) for v in removal.values())
-            result.steps.append(Step(1, t, attempt, fraction, units, [], new_cost.params,
-                                     new_cost.macs, ev.metric, ev.rel_error, drop, ok,
-                                     time.perf_counter() - t0))
-            say(f"stage 1 step {t}.{attempt}: -{units} units, MACs {new_cost.macs:,}, "
+            result.steps.append(
+                Step(
+                    1,
+                    t,
+                    attempt,
+                    fraction,
+                    units,
+                    [],
+                    new_cost.params,
+                    new_cost.macs,
+                    ev.metric,
+                    ev.rel_error,
+                    drop,
+                    ok,
+                    time.perf_counter() - t0,
+                )
+            )
+            say(
+                f"stage 1 step {t}.{attempt}: -{units} units, MACs {new_cost.macs:,}, "
                 f"{evaluator.metric_name} {ev.metric:.4f}, error {ev.rel_error:.4f} "
-                f"-> {'accepted' if ok else 'undone'}")
+                f"-> {'accepted' if ok else 'undone'}"
+            )
             if ok:
                 current, cost, accepted = candidate, new_cost, True
                 break
@@ -268,15 +310,23 @@ def _stage1(current, cost, calib, evaluator, config, shapes, budget, targets, re
     return current, cost
 
 
-def _plan(graph: DependencyGraph, scores, config: OptimizeConfig, fraction: float, cost,
-          targets) -> dict[str, list[int]]:
+def _plan(
+    graph: DependencyGraph, scores, config: OptimizeConfig, fraction: float, cost, targets
+) -> dict[str, list[int]]:
     """The removal for ``fraction``; shrunk by bisection so it does not overshoot the MACs
     target by more than needed."""
 
     def removal_for(f: float):
-        return plan_removal(graph, scores, PlanConfig(
-            ratio=min(f, 0.95), round_to=config.round_to,
-            max_group_ratio=config.max_group_ratio, ignore=config.ignore))
+        return plan_removal(
+            graph,
+            scores,
+            PlanConfig(
+                ratio=min(f, 0.95),
+                round_to=config.round_to,
+                max_group_ratio=config.max_group_ratio,
+                ignore=config.ignore,
+            ),
+        )
 
     removal = removal_for(fraction)
     target_macs = targets[0]
@@ -328,10 +378,27 @@ def _stage2(current, cost, calib, evaluator, config, shapes, budget, targets, re
         new_cost = model_cost(candidate, shapes)
         ev = evaluator.evaluate(candidate)
         ok, drop = _within(ev, evaluator, budget)
-        result.steps.append(Step(2, i, 0, 0.0, 0, [name], new_cost.params, new_cost.macs,
-                                 ev.metric, ev.rel_error, drop, ok, time.perf_counter() - t0))
-        say(f"stage 2 block {name} (D_l {divergence[name]:.4f}): "
-            f"{evaluator.metric_name} {ev.metric:.4f} -> {'removed' if ok else 'essential'}")
+        result.steps.append(
+            Step(
+                2,
+                i,
+                0,
+                0.0,
+                0,
+                [name],
+                new_cost.params,
+                new_cost.macs,
+                ev.metric,
+                ev.rel_error,
+                drop,
+                ok,
+                time.perf_counter() - t0,
+            )
+        )
+        say(
+            f"stage 2 block {name} (D_l {divergence[name]:.4f}): "
+            f"{evaluator.metric_name} {ev.metric:.4f} -> {'removed' if ok else 'essential'}"
+        )
         if ok:
             current, cost = candidate, new_cost
             result.removed_blocks.append(name)
@@ -342,6 +409,7 @@ def _stage2(current, cost, calib, evaluator, config, shapes, budget, targets, re
 
 def _kept_counts(original, final) -> dict[str, dict]:
     """Per weighted node: output channels before and after (the 'kept fraction per layer')."""
+
     def widths(model):
         inits = {t.name: t for t in model.graph.initializer}
         out = {}

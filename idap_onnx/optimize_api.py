@@ -72,24 +72,34 @@ def prepare(
 ) -> Prepared:
     """Load, split and batch; the evaluator judges on the validation part only."""
     data = data or DataOptions()
-    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else load_model(
-        model_or_path
+    model = (
+        model_or_path if isinstance(model_or_path, onnx.ModelProto) else load_model(model_or_path)
     )
-    ds = load_data(calib, model, image=data.image, tokenizer=data.tokenizer,
-                   seq_len=data.seq_len, num_random=data.num_random, seed=seed)
+    ds = load_data(
+        calib,
+        model,
+        image=data.image,
+        tokenizer=data.tokenizer,
+        seq_len=data.seq_len,
+        num_random=data.num_random,
+        seed=seed,
+    )
     if isinstance(labels, (str, os.PathLike)):
         labels = _read_labels(labels)
     if labels is not None and len(labels) != len(ds):
-        raise DataError(f"labels have {len(labels)} entries but the data has {len(ds)} "
-                        "samples; give one class index per sample, in order")
+        raise DataError(
+            f"labels have {len(labels)} entries but the data has {len(ds)} "
+            "samples; give one class index per sample, in order"
+        )
     if val_fraction <= 0:
         raise UsageError("optimize needs a validation part for its budget: --val-fraction > 0")
     cal, val = split(ds, val_fraction, seed)
     require(cal, batch_size, "one batch", fix=f"--batch-size {len(cal)}")
     if metric == "auto":
         metric = "top1" if labels is not None else "rel-l2"
-    evaluator = Evaluator(model, list(batches(val, batch_size)),
-                          labels=_labels_for(labels, val), metric=metric)
+    evaluator = Evaluator(
+        model, list(batches(val, batch_size)), labels=_labels_for(labels, val), metric=metric
+    )
     return Prepared(model, list(batches(cal, batch_size)), evaluator, ds.description)
 
 
@@ -106,8 +116,9 @@ def _read_labels(path) -> np.ndarray:
         else:
             arr = np.loadtxt(path, dtype=np.int64)
     except Exception as exc:  # numpy raises several types for bad files
-        raise DataError(f"cannot read labels {path}: {exc}; give a .npy/.npz/.txt of class "
-                        "indices") from exc
+        raise DataError(
+            f"cannot read labels {path}: {exc}; give a .npy/.npz/.txt of class indices"
+        ) from exc
     arr = np.asarray(arr).reshape(-1)
     if not np.issubdtype(arr.dtype, np.integer):
         raise DataError(f"labels {path} hold {arr.dtype} values; give integer class indices")
@@ -128,9 +139,16 @@ def run_optimize(
     config = config or OptimizeConfig()
     data = data or DataOptions()
     config.check()
-    prep = prepare(model_or_path, calib, labels=labels, val_fraction=val_fraction,
-                   metric=config.metric, batch_size=config.batch_size, data=data,
-                   seed=config.seed)
+    prep = prepare(
+        model_or_path,
+        calib,
+        labels=labels,
+        val_fraction=val_fraction,
+        metric=config.metric,
+        batch_size=config.batch_size,
+        data=data,
+        seed=config.seed,
+    )
     return optimize(prep.model, prep.calib, prep.evaluator, config, progress=progress)
 
 
@@ -146,7 +164,10 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def write_outputs(
-    result: OptimizeResult, output: str | os.PathLike, *, input_path=None,
+    result: OptimizeResult,
+    output: str | os.PathLike,
+    *,
+    input_path=None,
     report_dir: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
     """Write the model and ``report.json`` atomically, then ``report.md`` and the plots."""
@@ -166,7 +187,10 @@ def write_outputs(
 
 
 def sensitivity(
-    prep: Prepared, *, score: str = "idap", fractions=(0.25, 0.5, 0.75),
+    prep: Prepared,
+    *,
+    score: str = "idap",
+    fractions=(0.25, 0.5, 0.75),
     input_shapes: Mapping[str, list[int]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
@@ -191,16 +215,37 @@ def sensitivity(
             if k <= 0:
                 continue
             e = ev.evaluate(prune_channels(model, {g.id: order[:k]}, graph=graph))
-            row["results"].append({"fraction": f, "removed": k, "metric": e.metric,
-                                   "error": e.rel_error, "drop": ev.drop(e)})
-        say(f"group {g.id}: " + ", ".join(f"{r['fraction']:.0%} -> {r['metric']:.4f}"
-                                          for r in row["results"]))
+            row["results"].append(
+                {
+                    "fraction": f,
+                    "removed": k,
+                    "metric": e.metric,
+                    "error": e.rel_error,
+                    "drop": ev.drop(e),
+                }
+            )
+        say(
+            f"group {g.id}: "
+            + ", ".join(f"{r['fraction']:.0%} -> {r['metric']:.4f}" for r in row["results"])
+        )
         groups.append(row)
     block_rows = []
     for b in blocks:
         e = ev.evaluate(remove_blocks(model, [b.name], blocks=blocks))
-        block_rows.append({"block": b.name, "kind": b.kind, "metric": e.metric,
-                           "error": e.rel_error, "drop": ev.drop(e)})
+        block_rows.append(
+            {
+                "block": b.name,
+                "kind": b.kind,
+                "metric": e.metric,
+                "error": e.rel_error,
+                "drop": ev.drop(e),
+            }
+        )
         say(f"block {b.name}: {e.metric:.4f}")
-    return {"schema_version": 1, "command": "optimize --dry-run", "metric": ev.metric_name,
-            "groups": groups, "blocks": block_rows}
+    return {
+        "schema_version": 1,
+        "command": "optimize --dry-run",
+        "metric": ev.metric_name,
+        "groups": groups,
+        "blocks": block_rows,
+    }

@@ -50,15 +50,28 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
             f"{'accepted' if s['accepted'] else 'undone'} | {s['seconds']:.1f} s |"
         )
     if report["block_divergence"]:
-        lines += ["", "## Blocks by layer divergence D_l (ascending)", "",
-                  "| block | D_l | outcome |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Blocks by layer divergence D_l (ascending)",
+            "",
+            "| block | D_l | outcome |",
+            "|---|---|---|",
+        ]
         removed, essential = set(report["removed_blocks"]), set(report["essential_blocks"])
         for name, d in report["block_divergence"].items():
-            outcome = "removed" if name in removed else (
-                "essential" if name in essential else "not tried")
+            outcome = (
+                "removed"
+                if name in removed
+                else ("essential" if name in essential else "not tried")
+            )
             lines.append(f"| `{name}` | {d:.4f} | {outcome} |")
-    lines += ["", "## Kept output channels per layer", "", "| node | before | after |",
-              "|---|---|---|"]
+    lines += [
+        "",
+        "## Kept output channels per layer",
+        "",
+        "| node | before | after |",
+        "|---|---|---|",
+    ]
     lines += [f"| `{n}` | {k['before']} | {k['after']} |" for n, k in report["kept"].items()]
     for kind, name in plots.items():
         lines += ["", f"![{kind}]({name})"]

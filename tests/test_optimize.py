@@ -45,8 +45,7 @@ def _test_accuracy(model, digits) -> float:
 def test_budget_holds_on_validation_and_test_accuracy_is_reported(digits):
     x, y = digits.train
     config = OptimizeConfig(max_drop=1.0, target_flops=0.3)
-    result = run_optimize(str(digits.model_path), _samples(x), config, labels=y,
-                          val_fraction=0.3)
+    result = run_optimize(str(digits.model_path), _samples(x), config, labels=y, val_fraction=0.3)
     assert result.final["drop"] <= 1.0  # validation accuracy within 1 point
     assert result.final["macs"] < result.original["macs"]
     accepted = [s for s in result.steps if s.accepted]
@@ -60,8 +59,7 @@ def test_budget_holds_on_validation_and_test_accuracy_is_reported(digits):
 def test_a_step_that_breaks_the_budget_is_undone_and_reported(digits, tmp_path):
     x, y = digits.train
     config = OptimizeConfig(max_drop=0.5, p0=0.6, steps=2, retries=2, stages=(1,))
-    result = run_optimize(str(digits.model_path), _samples(x), config, labels=y,
-                          val_fraction=0.3)
+    result = run_optimize(str(digits.model_path), _samples(x), config, labels=y, val_fraction=0.3)
     undone = [s for s in result.steps if not s.accepted]
     assert undone, "a 60 % first step should break a 0.5-point budget"
     assert undone[0].attempt == 0 and undone[0].fraction == pytest.approx(0.6)
@@ -76,8 +74,9 @@ def test_a_step_that_breaks_the_budget_is_undone_and_reported(digits, tmp_path):
 def test_stage_two_alone_tries_blocks_in_ascending_layer_divergence(digits):
     x, y = digits.train
     config = OptimizeConfig(max_error=10.0, stages=(2,))  # a budget loose enough to accept
-    result = run_optimize(str(digits.model_path), _samples(x), config, labels=None,
-                          val_fraction=0.3)
+    result = run_optimize(
+        str(digits.model_path), _samples(x), config, labels=None, val_fraction=0.3
+    )
     divergences = list(result.block_divergence.values())
     assert divergences == sorted(divergences)
     tried = [s.blocks[0] for s in result.steps if s.stage == 2]
@@ -90,8 +89,9 @@ def test_two_runs_with_the_same_seed_write_identical_models(digits, tmp_path):
     config = OptimizeConfig(max_drop=1.0, target_flops=0.5, seed=3)
     outs = []
     for k in range(2):
-        result = run_optimize(str(digits.model_path), _samples(x), config, labels=y,
-                              val_fraction=0.3)
+        result = run_optimize(
+            str(digits.model_path), _samples(x), config, labels=y, val_fraction=0.3
+        )
         path = write_outputs(result, tmp_path / f"run{k}.onnx")["model"]
         outs.append(path.read_bytes())
     assert outs[0] == outs[1]

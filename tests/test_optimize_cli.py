@@ -26,23 +26,56 @@ def digits_dir() -> Path:
 
 
 def _base(d: Path) -> list[str]:
-    return ["optimize", str(d / "digits.onnx"), "--calib", str(d / "x_train.npz"),
-            "--labels", str(d / "labels_train.npy"), "--val-fraction", "0.3"]
+    return [
+        "optimize",
+        str(d / "digits.onnx"),
+        "--calib",
+        str(d / "x_train.npz"),
+        "--labels",
+        str(d / "labels_train.npy"),
+        "--val-fraction",
+        "0.3",
+    ]
 
 
 def test_help_explains_every_flag(capsys):
     assert main(["optimize", "--help"]) == 0
     text = capsys.readouterr().out
-    for flag in ("--target-flops", "--target-params", "--max-drop", "--max-error", "--labels",
-                 "--metric", "--round-to", "--max-group-ratio", "--ignore", "--refit",
-                 "--stages", "--max-blocks", "--dry-run", "--config", "--finetune"):
+    for flag in (
+        "--target-flops",
+        "--target-params",
+        "--max-drop",
+        "--max-error",
+        "--labels",
+        "--metric",
+        "--round-to",
+        "--max-group-ratio",
+        "--ignore",
+        "--refit",
+        "--stages",
+        "--max-blocks",
+        "--dry-run",
+        "--config",
+        "--finetune",
+    ):
         assert flag in text, flag
 
 
 def test_optimize_writes_model_and_reports(digits_dir, tmp_path, capsys):
     out = tmp_path / "d.onnx"
-    code = main([*_base(digits_dir), "--max-drop", "1", "--target-flops", "0.5", "-o", str(out),
-                 "--json", str(tmp_path / "r.json")])
+    code = main(
+        [
+            *_base(digits_dir),
+            "--max-drop",
+            "1",
+            "--target-flops",
+            "0.5",
+            "-o",
+            str(out),
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert code == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["schema_version"] == 1 and report["command"] == "optimize"
@@ -57,8 +90,22 @@ def test_config_file_mirrors_flags_and_the_command_line_wins(digits_dir, tmp_pat
     config = tmp_path / "idap.toml"
     config.write_text('max-drop = 0.5\nsteps = 2\nstages = "1"\ntarget-flops = 0.9\n')
     out = tmp_path / "c.onnx"
-    assert main([*_base(digits_dir), "--config", str(config), "--steps", "3", "-o", str(out),
-                 "--json", str(tmp_path / "c.json")]) == 0
+    assert (
+        main(
+            [
+                *_base(digits_dir),
+                "--config",
+                str(config),
+                "--steps",
+                "3",
+                "-o",
+                str(out),
+                "--json",
+                str(tmp_path / "c.json"),
+            ]
+        )
+        == 0
+    )
     settings = json.loads((tmp_path / "c.json").read_text())["settings"]
     assert settings["max_drop"] == 0.5 and settings["stages"] == [1]
     assert settings["steps"] == 3  # given on the command line
@@ -99,9 +146,24 @@ def test_an_interrupted_run_leaves_no_output_and_exits_non_zero(digits_dir, tmp_
     out = tmp_path / "i.onnx"
     exe = Path(sys.executable).with_name("idap-onnx")
     proc = subprocess.Popen(
-        [str(exe), *_base(digits_dir), "--max-drop", "1", "--steps", "50", "--p0", "0.01",
-         "--stages", "1", "-o", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+        [
+            str(exe),
+            *_base(digits_dir),
+            "--max-drop",
+            "1",
+            "--steps",
+            "50",
+            "--p0",
+            "0.01",
+            "--stages",
+            "1",
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
     )
     deadline = time.time() + 60
     while time.time() < deadline:  # wait for the first evaluated step
