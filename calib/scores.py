@@ -32,7 +32,7 @@ import numpy as np
 from idap_onnx.calib.stats import WEIGHTED, CalibStats
 from idap_onnx.dependency import SLICE, DependencyGraph
 from idap_onnx.errors import UsageError
-from idap_onnx.planner import unit_index, weight_scores
+from idap_onnx.planner import weight_scores
 
 UNIT_SCORES = ("idap", "paper", "wanda", "l1", "l2", "random")
 
@@ -66,22 +66,18 @@ def _weighted_edits(graph: DependencyGraph, role: str):
             yield edit, node
 
 
-def _element_units(graph: DependencyGraph, tensor: str, groups_of_space, indices):
-    """(group id, unit) of every element of ``tensor``'s channel axis (None when fixed)."""
-    lay = graph.layouts[tensor]
-    out = []
-    for e in range(len(lay)):
-        s = int(lay.space[e])
-        g = groups_of_space.get(s)
-        unit = None if g is None else indices[g].get((s, int(lay.chan[e])))
-        out.append((g, unit))
-    return out
+def _accumulate(graph: DependencyGraph, tensor: str, values: np.ndarray, totals) -> None:
+    """Add ``values`` (one per element of ``tensor``'s channel axis) into each element's unit."""
+    group, unit = graph.element_units(tensor)
+    n = min(len(values), len(group))
+    group, unit, values = group[:n], unit[:n], values[:n]
+    for gi in np.unique(group[group >= 0]):
+        sel = (group == gi) & (unit >= 0)
+        np.add.at(totals[gi], unit[sel], values[sel])
 
 
 def _idap(graph: DependencyGraph, stats: CalibStats, mean_compensation: bool):
-    groups_of_space = {s: g.id for g in graph.groups for s in g.spaces}
-    indices = {g.id: unit_index(g) for g in graph.groups}
-    energy = {g.id: np.zeros(g.size) for g in graph.groups}
+    energy = [np.zeros(g.size) for g in graph.groups]
     n = max(stats.samples, 1)
     for edit, node in _weighted_edits(graph, "consumer"):
         x = edit.tensor
@@ -98,11 +94,8 @@ def _idap(graph: DependencyGraph, stats: CalibStats, mean_compensation: bool):
         out_energy = stats.energy.get(y, 0.0) / n
         if out_energy <= 0:
             continue
-        contrib = w2 * m2 * positions / out_energy
-        for e, (gid, unit) in enumerate(_element_units(graph, x, groups_of_space, indices)):
-            if gid is not None and unit is not None:
-                energy[gid][unit] += contrib[e]
-    return {g.id: np.sqrt(energy[g.id]) for g in graph.groups}
+        _accumulate(graph, x, w2 * m2 * positions / out_energy, energy)
+    return {g.id: np.sqrt(energy[gi]) for gi, g in enumerate(graph.groups)}
 
 
 def _out_channels(node, w: np.ndarray) -> int:
@@ -126,9 +119,7 @@ def _positions(shape, out_channels: int, stats: CalibStats, y: str) -> float:
 
 
 def _producer_scores(graph: DependencyGraph, stats: CalibStats, kind: str):
-    groups_of_space = {s: g.id for g in graph.groups for s in g.spaces}
-    indices = {g.id: unit_index(g) for g in graph.groups}
-    total = {g.id: np.zeros(g.size) for g in graph.groups}
+    total = [np.zeros(g.size) for g in graph.groups]
     n = max(stats.samples, 1)
     for edit, node in _weighted_edits(graph, "producer"):
         y = edit.tensor
@@ -149,10 +140,8 @@ def _producer_scores(graph: DependencyGraph, stats: CalibStats, kind: str):
             cols = rows.shape[1] // max(len(xnorm2), 1)
             weights = np.repeat(xnorm2, cols) if cols * len(xnorm2) == rows.shape[1] else 1.0
             value = np.sqrt((rows**2 * weights).sum(axis=1))
-        for e, (gid, unit) in enumerate(_element_units(graph, y, groups_of_space, indices)):
-            if gid is not None and unit is not None and e < len(value):
-                total[gid][unit] += value[e]
-    return total
+        _accumulate(graph, y, np.asarray(value, dtype=np.float64), total)
+    return {g.id: total[gi] for gi, g in enumerate(graph.groups)}
 
 
 def block_divergence(stats: CalibStats) -> dict[str, float]:

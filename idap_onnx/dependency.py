@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -275,6 +276,31 @@ class DependencyGraph:
             if g.id == group_id:
                 return g
         raise KeyError(group_id)
+
+    @cached_property
+    def _unit_arrays(self) -> dict[int, tuple[int, np.ndarray]]:
+        """Space -> (index of its group in ``groups``, unit of each of its channels)."""
+        arrays = {}
+        for gi, group in enumerate(self.groups):
+            for s in group.spaces:
+                arrays[s] = (gi, np.full(self.spaces[s].n, -1, dtype=np.int64))
+            for u, unit in enumerate(group.units):
+                for s, chans in unit.items():
+                    arrays[s][1][chans] = u
+        return arrays
+
+    def element_units(self, tensor: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per element of ``tensor``'s channel axis: (index into ``groups``, unit), -1 where
+        the element holds no channel of a group (an untracked part of a Concat)."""
+        lay = self.layouts[tensor]
+        group = np.full(len(lay), -1, dtype=np.int64)
+        unit = np.full(len(lay), -1, dtype=np.int64)
+        for s in lay.spaces():
+            gi, units = self._unit_arrays[s]
+            sel = lay.space == s
+            group[sel] = gi
+            unit[sel] = units[lay.chan[sel]]
+        return group, unit
 
     def removed_channels(self, removal: dict[str, list[int]]) -> dict[int, np.ndarray]:
         """Per space, a bool per channel: True where a unit in ``removal`` holds it."""

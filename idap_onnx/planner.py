@@ -66,10 +66,8 @@ def weight_scores(graph: DependencyGraph, kind: str, seed: int = 0) -> dict[str,
     rng = np.random.default_rng(seed)
     if kind == "random":
         return {g.id: rng.random(g.size) for g in graph.groups}
-    group_of_space = {s: g for g in graph.groups for s in g.spaces}
-    index = {g.id: unit_index(g) for g in graph.groups}
-    total = {g.id: np.zeros(g.size) for g in graph.groups}
-    count = {g.id: np.zeros(g.size) for g in graph.groups}
+    total = [np.zeros(g.size) for g in graph.groups]
+    count = [np.zeros(g.size) for g in graph.groups]
     for edit in graph.edits:
         if edit.kind != SLICE or edit.role != "producer":
             continue
@@ -77,27 +75,20 @@ def weight_scores(graph: DependencyGraph, kind: str, seed: int = 0) -> dict[str,
         weight = graph.index.constant(node.input[edit.input])
         if weight is None or weight.ndim < 2:
             continue  # biases and normalization parameters are not filters
-        lay = graph.layouts[edit.tensor]
         w = np.moveaxis(
             np.abs(weight) if kind == "l1" else weight.astype(np.float64) ** 2, edit.axis, 0
         )
         per_elem = w.reshape(w.shape[0], -1).sum(axis=1)
         n_elem = w.reshape(w.shape[0], -1).shape[1]
-        for e in range(len(lay)):
-            s = int(lay.space[e])
-            g = group_of_space.get(s)
-            if g is None:
-                continue
-            u = index[g.id].get((s, int(lay.chan[e])))
-            if u is not None:
-                total[g.id][u] += per_elem[e]
-                count[g.id][u] += n_elem
+        group, unit = graph.element_units(edit.tensor)
+        for gi in np.unique(group[group >= 0]):
+            sel = (group == gi) & (unit >= 0)
+            np.add.at(total[gi], unit[sel], per_elem[sel])
+            np.add.at(count[gi], unit[sel], n_elem)
     scores = {}
-    for gid in total:
-        mean = np.divide(
-            total[gid], count[gid], out=np.zeros_like(total[gid]), where=count[gid] > 0
-        )
-        scores[gid] = mean if kind == "l1" else np.sqrt(mean)
+    for gi, g in enumerate(graph.groups):
+        mean = np.divide(total[gi], count[gi], out=np.zeros_like(total[gi]), where=count[gi] > 0)
+        scores[g.id] = mean if kind == "l1" else np.sqrt(mean)
     return scores
 
 
