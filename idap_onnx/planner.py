@@ -49,16 +49,6 @@ class PlanConfig:
             )
 
 
-def unit_index(group: ChannelGroup) -> dict[tuple[int, int], int]:
-    """(space, channel) -> unit of ``group``."""
-    index = {}
-    for u, unit in enumerate(group.units):
-        for s, chans in unit.items():
-            for c in chans:
-                index[(s, int(c))] = u
-    return index
-
-
 def weight_scores(graph: DependencyGraph, kind: str, seed: int = 0) -> dict[str, np.ndarray]:
     """Group id -> score per unit (module docstring); ``kind`` in ``SCORES``."""
     if kind not in SCORES:
