@@ -102,3 +102,24 @@ def test_calibration_and_validation_parts_are_disjoint(digits):
     prep = prepare(str(digits.model_path), _samples(x), labels=y, val_fraction=0.3)
     n_cal = sum(len(b["x"]) for b in prep.calib)
     assert n_cal + prep.evaluator.n_samples == len(x)
+
+
+def test_the_optimized_model_keeps_inputs_outputs_and_dynamic_axes(digits):
+    import onnx
+
+    from idap_onnx.verify import io_signature
+
+    x, y = digits.train
+    config = OptimizeConfig(max_drop=1.0, target_flops=0.5)
+    result = run_optimize(str(digits.model_path), _samples(x), config, labels=y, val_fraction=0.3)
+    original = onnx.load(str(digits.model_path))
+    onnx.checker.check_model(result.model, full_check=True)
+    assert io_signature(result.model) == io_signature(original)
+
+    def dims(model):
+        return [
+            [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (*model.graph.input, *model.graph.output)
+        ]
+
+    assert dims(result.model) == dims(original)  # the symbolic batch stays symbolic
