@@ -72,6 +72,8 @@ class OptimizeConfig:
     batch_size: int = 8
     seed: int = 0
     device: str = "auto"
+    finetune: bool = False
+    finetune_epochs: int = 1
 
     def check(self) -> None:
         if self.max_drop is not None and self.max_error is not None:
@@ -82,6 +84,8 @@ class OptimizeConfig:
                 raise UsageError(f"{name} {value} must be > 0 (a kept fraction or a count)")
         if not 0 < self.p0 < 1 or self.steps < 1 or self.retries < 0:
             raise UsageError("p0 must be in (0, 1), steps >= 1 and retries >= 0")
+        if self.finetune_epochs < 1:
+            raise UsageError(f"finetune_epochs {self.finetune_epochs} must be >= 1")
         if not set(self.stages) <= {1, 2} or not self.stages:
             raise UsageError(f"stages {self.stages}: choose from 1 and 2, e.g. 1,2")
 
@@ -219,6 +223,7 @@ def optimize(
             (target_macs, target_params),
             result,
             say,
+            teacher=model,
         )
     if 2 in config.stages and not _met(cost, target_macs, target_params):
         current, cost = _stage2(
@@ -234,6 +239,14 @@ def optimize(
             say,
         )
     final = evaluator.evaluate(current)
+    if config.finetune and current is not model:
+        tuned = _finetuned(current, model, calib_batches, config, config.finetune_epochs, say)
+        ev = evaluator.evaluate(tuned)
+        ok = _within(ev, evaluator, (kind, limit))[0]
+        if tuned is not current and ok and evaluator.drop(ev) <= evaluator.drop(final):
+            current, final = tuned, ev
+        else:
+            say("final fine-tuning did not help; keeping the model before it")
     result.model = current
     result.final = {
         "params": cost.params,
@@ -254,7 +267,32 @@ def _within(evaluation, evaluator: Evaluator, budget: tuple[str, float]) -> tupl
     return value <= limit + 1e-12, drop
 
 
-def _stage1(current, cost, calib, evaluator, config, shapes, budget, targets, result, say):
+def _finetuned(candidate, teacher, calib, config, epochs, say):
+    """``candidate`` after ``epochs`` of distillation from ``teacher`` on the calibration part
+    (METHOD.md section 6); unchanged when fine-tuning is off or the graph cannot run in torch."""
+    if not config.finetune or teacher is None:
+        return candidate
+    from idap_onnx.errors import UnsupportedModelError
+    from idap_onnx.finetune import FinetuneConfig, finetune
+
+    samples = [
+        {k: v[i] for k, v in batch.items()}
+        for batch in calib
+        for i in range(len(next(iter(batch.values()))))
+    ]
+    cfg = FinetuneConfig(epochs=epochs, seed=config.seed, patience=epochs)
+    try:
+        out = finetune(candidate, teacher, samples, config=cfg)
+    except UnsupportedModelError as exc:
+        say(f"fine-tuning skipped: {exc}")
+        return candidate
+    say(f"fine-tuned {epochs} epoch(s) in {out.seconds:.1f} s")
+    return out.model
+
+
+def _stage1(
+    current, cost, calib, evaluator, config, shapes, budget, targets, result, say, teacher=None
+):
     steps = config.steps
     for t in range(steps):
         if _met(cost, *targets):
@@ -274,6 +312,7 @@ def _stage1(current, cost, calib, evaluator, config, shapes, budget, targets, re
                 say(f"stage 1 step {t}: nothing left to remove")
                 return current, cost
             candidate = _prune(current, graph, removal, stats, config, shapes, calib)
+            candidate = _finetuned(candidate, teacher, calib, config, 1, say)
             new_cost = model_cost(candidate, shapes)
             ev = evaluator.evaluate(candidate)
             ok, drop = _within(ev, evaluator, budget)

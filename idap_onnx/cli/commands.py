@@ -295,3 +295,35 @@ COMMANDS = (
     ),
     *COMMANDS[1:],
 )
+
+
+def _finetune_args(parser: argparse.ArgumentParser) -> None:
+    from idap_onnx.cli import finetune_cmd
+
+    finetune_cmd.add_arguments(parser)
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from idap_onnx.cli import finetune_cmd
+
+    finetune_cmd.run(args)
+
+
+COMMANDS = (
+    *COMMANDS,
+    Command(
+        "finetune",
+        "recover accuracy of a pruned model by distillation from the original",
+        "Run the pruned MODEL as a torch module and train its weights to match the original\n"
+        "(--teacher): KL on logits at temperature --tau (+ cross entropy with --labels), MSE on\n"
+        "other outputs, AdamW with a cosine schedule; the best epoch on the validation part is\n"
+        "kept. The trained weights go back into the same graph (only initializer values\n"
+        "change), checked in ONNX Runtime against torch, and OUT is written atomically.\n\n"
+        "examples:\n"
+        "  idap-onnx finetune cnn.opt.onnx --teacher cnn.onnx --data train.npz -o cnn.ft.onnx\n"
+        "  idap-onnx finetune cnn.opt.onnx --teacher cnn.onnx --data train.npz \\\n"
+        "      --labels labels.npy --epochs 10 --lr 5e-4 -o cnn.ft.onnx",
+        _finetune_args,
+        _finetune,
+    ),
+)

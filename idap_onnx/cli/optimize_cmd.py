@@ -21,7 +21,7 @@ _KEYS = (
     "seq_len", "target_flops", "target_params", "max_drop", "max_error", "metric", "score",
     "mean_compensation", "refit", "p0", "alpha", "steps", "round_to", "max_group_ratio",
     "ignore", "retries", "stages", "max_blocks", "device", "report_dir", "dry_run", "output",
-    "input_shape",
+    "input_shape", "finetune", "finetune_epochs",
 )  # fmt: skip
 
 
@@ -152,7 +152,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument(
         "--finetune",
         action="store_true",
-        help="distillation fine-tuning between steps (not available yet)",
+        help="distillation from the original on the calibration part: 1 epoch after "
+        "each stage-1 step (before its budget check) and --finetune-epochs at the end",
+    )
+    plan.add_argument(
+        "--finetune-epochs",
+        metavar="N",
+        type=int,
+        default=1,
+        help="epochs of the final fine-tuning with --finetune (1)",
     )
     run = parser.add_argument_group("run")
     run.add_argument(
@@ -204,11 +212,6 @@ def _config(args: argparse.Namespace):
     from idap_onnx.errors import UsageError
     from idap_onnx.optimize import OptimizeConfig
 
-    if args.finetune:
-        raise UsageError(
-            "--finetune is not available yet (the fine-tuning round trip is "
-            "open issue 5); run without it"
-        )
     stages = (
         args.stages
         if isinstance(args.stages, (list, tuple))
@@ -239,6 +242,8 @@ def _config(args: argparse.Namespace):
         batch_size=args.batch_size,
         seed=args.seed,
         device=args.device,
+        finetune=bool(args.finetune),
+        finetune_epochs=args.finetune_epochs,
     )
 
 

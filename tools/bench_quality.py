@@ -1,0 +1,582 @@
+"""Quality at matched MACs, without fine-tuning: IDAP++ scoring against the baselines.
+
+For each model and MACs target (``--targets 0.5 0.3``: 50 % and 70 % of the MACs removed),
+every variant runs ``idap_onnx.optimize.optimize`` stage 1 only (``stages=(1,)``), with the
+same schedule ``p_t = p0 (1 + t/T)^alpha`` (``alpha=1.5``, ``T=10``), ``round_to=1``,
+``max_group_ratio=0.9`` and a budget so loose that only the MACs target stops it
+(``max_drop=1e9``): the variants differ only in the unit score and in whether the removed
+channels' means are folded into the consumers' biases (mean compensation). Variants:
+
+* ``idap`` with and without mean compensation (for ``idap`` the switch also changes the score:
+  ``var_c`` instead of ``var_c + mu_c^2``);
+* ``paper``, ``l1``, ``wanda`` and ``random`` (mean over ``--seeds``), each with and without
+  mean compensation (the same recovery code path; only the ranking differs).
+
+Models (both real, both cached by their ``tools/`` module):
+
+* ``digits``: the residual CNN trained on scikit-learn's handwritten digits
+  (``tools/digits.py``): calibration = the train images, the per-step validation = the val
+  split (top-1 accuracy against the labels), and the test split reported too;
+* ``minilm``: the pretrained all-MiniLM-L6-v2 sentence embedder (``tools/minilm.py``, sequence
+  length 64): calibration = the first ``--minilm-calib`` calib sentences, metric = mean cosine
+  similarity of the pruned model's sentence embeddings to the original's, on the val sentences
+  (per step) and on the held-out test sentences (reported).
+
+Each row reports the MACs reached (per sample; MiniLM at sequence length 64), the metric on the
+validation and test sets, the relative output error on validation, ``idap``'s lead over the row
+in metric points on test, the stage-1 steps, the wall time of ``optimize``, and the kept width
+of each pruned layer. Nothing is fine-tuned.
+
+Usage::
+
+    python tools/bench_quality.py                                 # both models, both targets
+    python tools/bench_quality.py --models digits --targets 0.5 --out -
+    python tools/bench_quality.py --json runs.json --out docs/BENCHMARKS.md
+    python tools/bench_quality.py --from-json runs.json --out docs/BENCHMARKS.md  # re-render
+
+``--out FILE`` replaces (or appends) the section ``## Quality at matched MACs (no
+fine-tuning)`` of FILE and leaves every other section alone; an ``### Observations``
+subsection already in that section is kept. ``--out -`` prints the section only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SECTION = "## Quality at matched MACs (no fine-tuning)"
+OBSERVATIONS = "### Observations"
+SCORES = ("idap", "paper", "l1", "random", "wanda")
+DEFAULT_P0 = {"digits": 0.05, "minilm": 0.1}
+ALPHA, STEPS = 1.5, 10
+MAX_GROUP_RATIO, ROUND_TO = 0.9, 1
+LOOSE = 1e9  # a budget only the MACs target can stop
+ONESHOT_P0 = 0.9  # one step asking for 90 % of the units; optimize shrinks it to the target
+
+
+# ------------------------------------------------------------------------------------ the tasks
+
+
+@dataclass
+class Task:
+    """One model with its data splits, as ``optimize`` and the evaluators need them."""
+
+    name: str
+    model: object  # onnx.ModelProto
+    calib: list[dict[str, np.ndarray]]
+    val: list[dict[str, np.ndarray]]
+    test: list[dict[str, np.ndarray]]
+    metric: str
+    val_labels: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    data: str = ""
+    kept: Callable[[dict], str] = lambda kept: ""
+
+
+def _batches(arrays: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    n = len(next(iter(arrays.values())))
+    return [{k: v[i : i + size] for k, v in arrays.items()} for i in range(0, n, size)]
+
+
+def _npz(path: Path, limit: int | None = None) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return {k: v[:limit] for k, v in arrays.items()} if limit else arrays
+
+
+def _short(name: str) -> str:
+    parts = [p for p in name.split("/") if p]
+    return "/".join(parts[-2:-1]) or name
+
+
+def digits_task(batch: int) -> Task:
+    import onnx
+
+    from tools.digits import INPUT_NAME, build
+
+    asset = build()
+    (x_tr, _), (x_va, y_va), (x_te, y_te) = asset.train, asset.val, asset.test
+
+    def kept(widths: dict) -> str:
+        return ", ".join(
+            f"{_short(n)} {w['after']}/{w['before']}"
+            for n, w in widths.items()
+            if n.endswith("Conv")
+        )
+
+    return Task(
+        name="digits",
+        model=onnx.load(asset.model_path),
+        calib=_batches({INPUT_NAME: x_tr}, batch),
+        val=_batches({INPUT_NAME: x_va}, batch),
+        test=_batches({INPUT_NAME: x_te}, batch),
+        metric="top1",
+        val_labels=y_va,
+        test_labels=y_te,
+        shapes={INPUT_NAME: [1, *x_tr.shape[1:]]},
+        data=(
+            f"calibration: the {len(x_tr)} train images; validation (per step): the {len(x_va)} "
+            f"val images; test: the {len(x_te)} test images; batches of {batch}"
+        ),
+        kept=kept,
+    )
+
+
+def minilm_task(batch: int, calib: int, val: int, test: int) -> Task:
+    import onnx
+
+    from tools.minilm import build
+
+    asset = build()
+    c, v, t = _npz(asset.calib_npz, calib), _npz(asset.val_npz, val), _npz(asset.test_npz, test)
+    seq = next(iter(c.values())).shape[1]
+
+    def kept(widths: dict) -> str:
+        mlp, heads = [], []
+        for name, w in widths.items():
+            if "intermediate/dense" in name:
+                mlp.append(str(w["after"]))
+            elif "attention/self/query" in name:
+                heads.append(str(round(12 * w["after"] / w["before"])))
+        return f"MLP {' '.join(mlp)}; heads {' '.join(heads)}"
+
+    n = {k: len(next(iter(d.values()))) for k, d in (("c", c), ("v", v), ("t", t))}
+    return Task(
+        name="minilm",
+        model=onnx.load(asset.model_path),
+        calib=_batches(c, batch),
+        val=_batches(v, batch),
+        test=_batches(t, batch),
+        metric="cosine",
+        shapes={k: [1, seq] for k in c},
+        data=(
+            f"calibration: {n['c']} calib sentences; validation (per step): {n['v']} val "
+            f"sentences; test: {n['t']} held-out test sentences; sequence length {seq}; batches "
+            f"of {batch}"
+        ),
+        kept=kept,
+    )
+
+
+# ------------------------------------------------------------------------------------- the runs
+
+
+def run_variant(
+    task: Task,
+    target: float,
+    score: str,
+    mc: bool,
+    seed: int,
+    p0: float,
+    evaluators,
+    log: Callable[[str], None],
+    oneshot: bool = False,
+) -> dict:
+    """One ``optimize`` run; the row's numbers. ``oneshot``: T = 1 step (the whole removal
+    ranked on the original model's statistics, shrunk by ``optimize`` to land on the target)."""
+    from idap_onnx.optimize import OptimizeConfig, optimize
+
+    val_ev, test_ev = evaluators
+    config = OptimizeConfig(
+        target_flops=target,
+        max_drop=LOOSE,
+        metric=task.metric,
+        score=score,
+        mean_compensation=mc,
+        p0=ONESHOT_P0 if oneshot else p0,
+        alpha=ALPHA,
+        steps=1 if oneshot else STEPS,
+        round_to=ROUND_TO,
+        max_group_ratio=MAX_GROUP_RATIO,
+        stages=(1,),
+        seed=seed,
+    )
+    t0 = time.perf_counter()
+    result = optimize(
+        task.model,
+        task.calib,
+        val_ev,
+        config,
+        input_shapes=task.shapes,
+        progress=lambda line: log(f"    {line}"),
+    )
+    seconds = time.perf_counter() - t0
+    test = test_ev.evaluate(result.model)
+    steps = sum(1 for s in result.steps if s.accepted)
+    return {
+        "model": task.name,
+        "target": target,
+        "score": score,
+        "mc": mc,
+        "seed": seed,
+        "schedule": "one-shot" if oneshot else "iterative",
+        "p0": config.p0,
+        "macs0": result.original["macs"],
+        "macs": result.final["macs"],
+        "params0": result.original["params"],
+        "params": result.final["params"],
+        "val": result.final["metric"],
+        "val_error": result.final["error"],
+        "test": test.metric,
+        "test_error": test.rel_error,
+        "steps": steps,
+        "seconds": seconds,
+        "kept": task.kept(result.kept),
+        "target_met": result.final["macs"] <= 1.01 * target * result.original["macs"],
+    }
+
+
+def run_task(
+    task: Task, targets, scores, seeds, p0, log, oneshot: tuple[str, ...] = ()
+) -> tuple[list[dict], dict]:
+    from idap_onnx.metrics import Evaluator
+
+    t0 = time.perf_counter()
+    val_ev = Evaluator(task.model, task.val, labels=task.val_labels, metric=task.metric)
+    test_ev = Evaluator(task.model, task.test, labels=task.test_labels, metric=task.metric)
+    info = {
+        "model": task.name,
+        "data": task.data,
+        "metric": task.metric,
+        "val0": val_ev.original_metric,
+        "test0": test_ev.original_metric,
+        "p0": p0,
+        "setup_seconds": time.perf_counter() - t0,
+    }
+    rows = []
+    for target in targets:
+        for score in scores:
+            for mc in (True, False):
+                for seed in seeds if score == "random" else (0,):
+                    log(f"{task.name} target {target} {score} mc={mc} seed={seed}")
+                    row = run_variant(task, target, score, mc, seed, p0, (val_ev, test_ev), log)
+                    log(
+                        f"  -> MACs {row['macs'] / row['macs0']:.3f}, val {row['val']:.4f}, "
+                        f"test {row['test']:.4f}, {row['seconds']:.1f} s"
+                    )
+                    rows.append(row)
+        for score in oneshot:
+            for seed in seeds if score == "random" else (0,):
+                log(f"{task.name} target {target} {score} one-shot seed={seed}")
+                row = run_variant(
+                    task, target, score, True, seed, p0, (val_ev, test_ev), log, oneshot=True
+                )
+                log(
+                    f"  -> MACs {row['macs'] / row['macs0']:.3f}, val {row['val']:.4f}, "
+                    f"test {row['test']:.4f}, {row['seconds']:.1f} s"
+                )
+                rows.append(row)
+    return rows, info
+
+
+# -------------------------------------------------------------------------------------- machine
+
+
+def machine() -> dict:
+    model, cores = platform.processor() or "unknown", os.cpu_count()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model name":
+                model = value.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    ram = 0.0
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    ram = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    import onnxruntime
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = cores
+    return {
+        "cpu": model,
+        "cores": usable,
+        "ram_gib": round(ram, 1),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------------- the report
+
+
+def _group(rows: list[dict]) -> list[dict]:
+    """Rows of one (model, target) merged over random seeds: mean, with the seeds' range."""
+    merged: dict[tuple, list[dict]] = {}
+    for r in rows:
+        merged.setdefault((r["score"], r["mc"], r.get("schedule", "iterative")), []).append(r)
+    out = []
+    for group in merged.values():
+        row = dict(group[0])
+        for key in ("macs", "params", "val", "val_error", "test", "test_error", "seconds", "steps"):
+            row[key] = float(np.mean([g[key] for g in group]))
+        row["n"] = len(group)
+        row["target_met"] = all(g["target_met"] for g in group)
+        row["test_range"] = (min(g["test"] for g in group), max(g["test"] for g in group))
+        row["val_range"] = (min(g["val"] for g in group), max(g["val"] for g in group))
+        if len(group) > 1:
+            row["kept"] = f"(seed {group[0]['seed']}) {group[0]['kept']}"
+        out.append(row)
+    return out
+
+
+def _label(row: dict) -> str:
+    name = row["score"] + (f" (mean of {row['n']} seeds)" if row.get("n", 1) > 1 else "")
+    return f"`{name}`" if row["score"] != "idap" or not row["mc"] else f"**`{name}`**"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _fmt_metric(value: float, rng: tuple[float, float] | None, n: int) -> str:
+    text = _pct(value)
+    if rng and n > 1:
+        text += f" ({_pct(rng[0])}-{_pct(rng[1])})"
+    return text
+
+
+def _row(g: dict) -> str:
+    macs = 100 * g["macs"] / g["macs0"]
+    miss = "" if g["target_met"] else " (missed)"
+    return (
+        f"| {_label(g)} | {'yes' if g['mc'] else 'no'} | {macs:.1f}{miss} | "
+        f"{_fmt_metric(g['val'], g['val_range'], g['n'])} | "
+        f"{_fmt_metric(g['test'], g['test_range'], g['n'])} | {g['val_error']:.3f} |"
+    )
+
+
+def render(rows: list[dict], infos: list[dict], meta: dict) -> str:
+    lines = [SECTION, ""]
+    lines += [
+        "Stage 1 of `idap_onnx.optimize.optimize` only (no block removal, **no fine-tuning**), "
+        "stopped by the MACs target alone (budget `max_drop=1e9`): every variant uses the same "
+        f"schedule p_t = p0 (1 + t/T)^alpha with alpha = {ALPHA}, T = {STEPS}, re-scoring every "
+        f"step, `round_to={ROUND_TO}`, `max_group_ratio={MAX_GROUP_RATIO}`; the variants "
+        "differ only in the unit score and in mean compensation (MC: the removed channels' "
+        "calibration means folded into the consumers' biases; for `idap` it also switches the "
+        "score from var+mean^2 to var). The last step of each run is shrunk to land on the "
+        "target, so the MACs reached match across variants.",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
+        f"{meta['machine']['ram_gib']} GiB RAM; Python {meta['machine']['python']}, ONNX Runtime "
+        f"{meta['machine']['onnxruntime']} (CPU provider); {meta['date']}.",
+        "",
+        "Columns: *MACs* per sample reached, as % of the original (target in the heading); "
+        "*val*/*test*: the metric in % on the validation split (the one `optimize` judges "
+        "steps on) and on the held-out test split; *val err*: relative output error "
+        "||y - y0|| / ||y0|| on validation; *idap lead*: **`idap`** (with MC) minus the row on "
+        "test, in points (positive: `idap` is better); *steps*: accepted stage-1 steps; "
+        "*time*: wall time of `optimize` (mean per run for random). Random rows give the mean "
+        "over seeds and the seeds' range in brackets.",
+        "",
+    ]
+    for info in infos:
+        model_rows = [r for r in rows if r["model"] == info["model"]]
+        metric = {
+            "top1": "top-1 accuracy",
+            "cosine": "mean cosine similarity to the original's embeddings",
+        }[info["metric"]]
+        lines += [
+            f"### {info['model']}",
+            "",
+            f"Metric: {metric}. Original: val {_pct(info['val0'])}, test "
+            f"{_pct(info['test0'])}. {info['data'][0].upper()}{info['data'][1:]}. "
+            f"p0 = {info['p0']}.",
+            "",
+        ]
+        for target in sorted({r["target"] for r in model_rows}, reverse=True):
+            at = [r for r in model_rows if r["target"] == target]
+            group = _group([r for r in at if r.get("schedule", "iterative") == "iterative"])
+            ref = next((g for g in group if g["score"] == "idap" and g["mc"]), None)
+            lines += [
+                f"#### {info['model']}: {100 * (1 - target):.0f} % of MACs removed "
+                f"(target {100 * target:.0f} % kept)",
+                "",
+                "| score | MC | MACs % | val % | test % | val err | idap lead (test) | "
+                "steps | time s |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for g in sorted(group, key=lambda g: -g["test"]):
+                lead = "" if ref is None or g is ref else f"{100 * (ref['test'] - g['test']):+.2f}"
+                if lead and not ref["target_met"]:
+                    lead += " (not matched)"
+                lines.append(_row(g) + f" {lead} | {g['steps']:.0f} | {g['seconds']:.1f} |")
+            missed = [g for g in group if not g["target_met"]]
+            if missed:
+                lines += [
+                    "",
+                    "*(missed)*: the run ended after its T = "
+                    f"{STEPS} steps above the target; its MACs are not matched, so its "
+                    "lead is not a like-for-like comparison.",
+                ]
+            lines += ["", "Kept widths (after/before):", ""]
+            lines += [
+                f"- {_label(g)}, MC {'on' if g['mc'] else 'off'}: {g['kept']}"
+                for g in sorted(group, key=lambda g: (SCORES.index(g["score"]), not g["mc"]))
+            ]
+            lines.append("")
+            shots = _group([r for r in at if r.get("schedule") == "one-shot"])
+            if shots:
+                iterative = {g["score"]: g for g in group if g["mc"]}
+                lines += [
+                    "One-shot ablation (T = 1, MC on: the whole removal ranked on the original "
+                    "model's statistics, shrunk to the target; *iterative test* repeats the "
+                    "table above):",
+                    "",
+                    "| score | MC | MACs % | val % | test % | val err | iterative test % | "
+                    "one-shot - iterative (test) |",
+                    "|---|---|---|---|---|---|---|---|",
+                ]
+                for g in sorted(shots, key=lambda g: -g["test"]):
+                    it = iterative.get(g["score"])
+                    gain = "" if it is None else f"{100 * (g['test'] - it['test']):+.2f}"
+                    it_test = "" if it is None else _pct(it["test"])
+                    lines.append(_row(g) + f" {it_test} | {gain} |")
+                lines += ["", "One-shot kept widths:", ""]
+                lines += [
+                    f"- {_label(g)}: {g['kept']}"
+                    for g in sorted(shots, key=lambda g: SCORES.index(g["score"]))
+                ]
+                lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace (or append) SECTION in ``path``; keep the other sections and our Observations."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(SECTION + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        nxt = re.search(r"^## ", text[start + len(SECTION) :], flags=re.M)
+        end = start + len(SECTION) + nxt.start() if nxt else len(text)
+        old = text[start:end]
+        obs = old.find(OBSERVATIONS + "\n")
+        if obs >= 0 and OBSERVATIONS not in section:
+            section = section.rstrip("\n") + "\n\n" + old[obs:].rstrip("\n") + "\n"
+        tail = text[end:]
+        text = text[:start] + section + ("\n" + tail if tail else "")
+    path.write_text(text)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--models", nargs="+", default=["digits", "minilm"], choices=["digits", "minilm"]
+    )
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        type=float,
+        default=[0.5, 0.3],
+        help="kept MACs fractions (0.5: 50 %% removed)",
+    )
+    parser.add_argument("--scores", nargs="+", default=list(SCORES), choices=SCORES)
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0, 1, 2],
+        help="seeds of the random score (averaged)",
+    )
+    parser.add_argument(
+        "--p0",
+        nargs="*",
+        default=[],
+        metavar="MODEL=P0",
+        help=f"first-step fraction per model (default {DEFAULT_P0})",
+    )
+    parser.add_argument(
+        "--oneshot",
+        nargs="*",
+        default=list(SCORES),
+        choices=SCORES,
+        help="scores also run as a one-shot ablation (T = 1, MC on); give none to skip it",
+    )
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument(
+        "--minilm-calib", type=int, default=128, help="MiniLM calibration sentences (of 512)"
+    )
+    parser.add_argument("--minilm-val", type=int, default=256)
+    parser.add_argument("--minilm-test", type=int, default=256)
+    parser.add_argument(
+        "--out",
+        default="docs/BENCHMARKS.md",
+        help="markdown file whose section is replaced, or - for stdout",
+    )
+    parser.add_argument("--json", help="also write the raw rows here")
+    parser.add_argument("--from-json", help="render the rows of an earlier --json, run nothing")
+    args = parser.parse_args(argv)
+
+    def log(line: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        rows, infos, meta = saved["rows"], saved["infos"], saved["meta"]
+    else:
+        p0 = dict(DEFAULT_P0)
+        for item in args.p0:
+            name, _, value = item.partition("=")
+            p0[name] = float(value)
+        meta = {
+            "command": "python tools/bench_quality.py " + shlex.join(argv or sys.argv[1:]),
+            "machine": machine(),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        rows, infos = [], []
+        for name in args.models:
+            task = (
+                digits_task(args.batch)
+                if name == "digits"
+                else minilm_task(args.batch, args.minilm_calib, args.minilm_val, args.minilm_test)
+            )
+            task_rows, info = run_task(
+                task, args.targets, args.scores, args.seeds, p0[name], log, tuple(args.oneshot)
+            )
+            rows += task_rows
+            infos.append(info)
+            if args.json:  # keep what is done so far
+                Path(args.json).write_text(
+                    json.dumps({"rows": rows, "infos": infos, "meta": meta}, indent=1)
+                )
+    section = render(rows, infos, meta)
+    print(section)
+    if args.out != "-":
+        write_section(Path(args.out), section)
+        log(f"section written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
