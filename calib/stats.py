@@ -192,10 +192,42 @@ def augment(model: onnx.ModelProto, plan: ProbePlan) -> tuple[onnx.ModelProto, l
                 nodes.append(helper.make_node("Sqrt", [sq], [norms], name=norms))
                 _reduce("ReduceSum", norms, [0], name, opset, nodes, inits)
             outputs.append(name)
-    out.graph.node.extend(nodes)
+    _interleave(out.graph, nodes, {i.name for i in inits})
     out.graph.initializer.extend(inits)
     out.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
     return out, outputs
+
+
+def _interleave(graph: onnx.GraphProto, probes: list[onnx.NodeProto], consts: set[str]) -> None:
+    """Place each probe node right after the last node it depends on, so that (with
+    priority-based execution) a probed activation is reduced and freed as soon as it is made,
+    instead of every probed tensor living until the network's last node has run."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | consts
+    pending = list(probes)
+    ordered: list[onnx.NodeProto] = []
+
+    def flush() -> None:
+        nonlocal pending
+        progress = True
+        while progress:
+            progress, rest = False, []
+            for node in pending:
+                if all(not i or i in ready for i in node.input):
+                    ordered.append(node)
+                    ready.update(node.output)
+                    progress = True
+                else:
+                    rest.append(node)
+            pending = rest
+
+    flush()
+    for node in list(graph.node):
+        ordered.append(node)
+        ready.update(node.output)
+        flush()
+    ordered.extend(pending)
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def providers(device: str = "auto") -> list[str]:
@@ -223,6 +255,7 @@ def collect(
     augmented, names = augment(model, plan)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # reduce each probe early
     opts.log_severity_level = 3
     sess = ort.InferenceSession(augmented.SerializeToString(), opts, providers=providers(device))
     stats = CalibStats(provider=sess.get_providers()[0])
