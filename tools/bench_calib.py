@@ -257,15 +257,17 @@ def _child(spec: dict) -> dict:
         done = time.perf_counter()
         result.update(create_s=proxy.create_s, augment_s=augment_time[0],
                       loop_s=done - started - proxy.create_s - augment_time[0],
-                      provider=stats.provider, samples=stats.samples)
+                      provider=stats.provider, samples=stats.samples, cpu_s=_cpu() - cpu,
+                      peak_kib=_status()["VmHWM"])
         scores = unit_scores(graph, stats, "idap")
         d_l = block_divergence(stats)
         np.savez(spec["scores_out"], units=np.concatenate([scores[g.id] for g in graph.groups]),
                  d_l=np.array([d_l[k] for k in sorted(d_l)]))
-    status = _status()
+    result.setdefault("cpu_s", _cpu() - cpu)
+    result.setdefault("peak_kib", _status()["VmHWM"])
     result.update(total_s=result["create_s"] + result["augment_s"] + result["loop_s"],
-                  cpu_s=_cpu() - cpu,
-                  base_kib=base, peak_kib=status["VmHWM"])
+                  base_kib=base)
+    result["after_scores_peak_kib"] = _status()["VmHWM"]
     return result
 
 

@@ -295,7 +295,7 @@ def sweep_steps(task: Task, targets, scores, seeds, steps_list, log) -> str:
 
     val_ev = Evaluator(task.model, task.val, labels=task.val_labels, metric=task.metric)
     test_ev = Evaluator(task.model, task.test, labels=task.test_labels, metric=task.metric)
-    head = " | ".join(f"T={t} (p0 {_sweep_p0(t):g})" for t in steps_list)
+    head = " | ".join(f"T={t} (p0 {_sweep_p0(t):.3g})" for t in steps_list)
     lines = [
         f"{task.name}, MC on; each cell: val % / test % / val err (MACs % kept)",
         "",
