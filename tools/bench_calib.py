@@ -14,7 +14,9 @@ For each model and sample count N, every configuration runs the same N synthetic
   ``collect-order`` moves each reduction right after the node whose output it reads and runs
   the session with ``ExecutionOrder.PRIORITY_BASED`` (ORT's default order is a reverse DFS from
   the graph's leaves, which runs the whole network first and every appended reduction after
-  it, so every probed activation stays alive to the end); ``collect-f32-order`` both;
+  it, so every probed activation stays alive to the end; ``calib/stats.py`` does this itself
+  since commit 8105640, so the variant only matters for older versions); ``collect-f32-order``
+  both;
   ``collect-opt`` turns graph optimizations back on; ``collect-lean`` is ``collect-f32-order``
   that also probes only what ``idap`` needs (no ReLU-norm probes, which only ``paper`` reads)
   and lets go of the augmented proto once the session is built. Their unit scores and D_l are
