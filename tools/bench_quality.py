@@ -428,7 +428,8 @@ def render(rows: list[dict], infos: list[dict], meta: dict) -> str:
         "differ only in the unit score and in mean compensation (MC: the removed channels' "
         "calibration means folded into the consumers' biases; for `idap` it also switches the "
         "score from var+mean^2 to var). The last step of each run is shrunk to land on the "
-        "target, so the MACs reached match across variants.",
+        "target, so the MACs reached match across the variants that reach it (a run still "
+        "above it after its T steps is marked *missed*).",
         "",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
@@ -436,12 +437,12 @@ def render(rows: list[dict], infos: list[dict], meta: dict) -> str:
         f"{meta['machine']['onnxruntime']} (CPU provider); {meta['date']}.",
         "",
         "Columns: *MACs* per sample reached, as % of the original (target in the heading); "
-        "*val*/*test*: the metric in % on the validation split (the one `optimize` judges "
-        "steps on) and on the held-out test split; *val err*: relative output error "
-        "||y - y0|| / ||y0|| on validation; *idap lead*: **`idap`** (with MC) minus the row on "
-        "test, in points (positive: `idap` is better); *steps*: accepted stage-1 steps; "
-        "*time*: wall time of `optimize` (mean per run for random). Random rows give the mean "
-        "over seeds and the seeds' range in brackets.",
+        "*val*/*test*: the metric x 100 (top-1 in %, cosine x 100) on the validation split "
+        "(the one `optimize` judges steps on) and on the held-out test split; *val err*: "
+        "relative output error ||y - y0|| / ||y0|| on validation; *idap lead*: **`idap`** "
+        "(with MC) minus the row on test, in points (positive: `idap` is better); *steps*: "
+        "accepted stage-1 steps; *time*: wall time of `optimize` (mean per run for random). "
+        "Random rows give the mean over seeds and the seeds' range in brackets.",
         "",
     ]
     for info in infos:
