@@ -3,9 +3,10 @@
 The model is augmented with reduction nodes whose outputs are small: per-channel sums and
 sums of squares of the tensors the scores need (over batch, spatial and token axes), total
 output energies of the consumers, per-sample norms of block inputs/outputs. Sessions run with
-graph optimizations off so the tensor names survive (the pattern of ORT's own quantization
-calibrators). Results are accumulated in float64 across batches, so memory does not grow
-with the number of samples or with activation sizes.
+the fusions that keep every probed tensor (see ``_session``). Each reduction runs in float32
+within a sample (no probed activation is copied), its small partial result in float64 across
+the batch, and batches accumulate in float64, so memory does not grow with the number of
+samples or with activation sizes.
 
 What is measured (see ``calib.scores`` for the formulas that use it):
 
@@ -19,8 +20,13 @@ What is measured (see ``calib.scores`` for the formulas that use it):
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -29,17 +35,22 @@ from onnx import TensorProto, helper
 
 from idap_onnx.blocks import Block
 from idap_onnx.dependency import SLICE, DependencyGraph
+from idap_onnx.model_io import write_variant
 
 WEIGHTED = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
 
 @dataclass(frozen=True)
 class ChannelProbe:
-    """Per-channel statistics of ``tensor`` along ``axis`` (rank ``rank``)."""
+    """Per-channel statistics of ``tensor`` along ``axis`` (``shape``: its analysis shape)."""
 
     tensor: str
     axis: int
-    rank: int
+    shape: tuple
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
 
 
 @dataclass
@@ -47,10 +58,11 @@ class ProbePlan:
     """Which tensors to measure; built from the dependency graph and the blocks."""
 
     channels: dict[str, ChannelProbe] = field(default_factory=dict)
-    energies: set[str] = field(default_factory=set)
+    energies: dict[str, tuple] = field(default_factory=dict)  # consumer output -> its shape
     relu_norms: dict[str, ChannelProbe] = field(default_factory=dict)
     blocks: dict[str, Block] = field(default_factory=dict)
     batch_axis: dict[str, int | None] = field(default_factory=dict)
+    block_shape: dict[str, tuple] = field(default_factory=dict)  # of the block's output
 
 
 @dataclass
@@ -63,6 +75,7 @@ class CalibStats:
     channel_count: dict[str, float] = field(default_factory=dict)
     energy: dict[str, float] = field(default_factory=dict)
     relu_norm: dict[str, np.ndarray] = field(default_factory=dict)
+    resolution: dict[str, float] = field(default_factory=dict)
     block_diff: dict[str, float] = field(default_factory=dict)
     block_out: dict[str, float] = field(default_factory=dict)
     provider: str = "CPUExecutionProvider"
@@ -75,12 +88,28 @@ class CalibStats:
         return self.channel_sumsq[tensor] / max(self.channel_count[tensor], 1.0)
 
     def variance(self, tensor: str) -> np.ndarray:
-        return np.maximum(self.second_moment(tensor) - self.mean(tensor) ** 2, 0.0)
+        """var_c = E[a_c^2] - mu_c^2, taken as 0 below ``resolution[tensor]`` times E[a_c^2]:
+        the partial sums within a sample are float32, so a smaller difference is rounding,
+        not signal (a constant channel has variance exactly 0)."""
+        m2 = self.second_moment(tensor)
+        var = m2 - self.mean(tensor) ** 2
+        return np.where(var > self.resolution.get(tensor, 0.0) * m2, var, 0.0)
 
 
-def plan_probes(graph: DependencyGraph, blocks: Iterable[Block] = ()) -> ProbePlan:
-    """The tensors the scores need: consumer inputs and outputs, producer inputs and
-    outputs of every weighted node in a group, and every block's input and output."""
+#: Unit scores whose statistics ``plan_probes`` can add (``calib.scores.UNIT_SCORES`` less the
+#: weight-only ones, which need no probes).
+PROBED_SCORES = ("idap", "paper", "wanda")
+
+
+def plan_probes(
+    graph: DependencyGraph, blocks: Iterable[Block] = (), *, scores: Iterable[str] = PROBED_SCORES
+) -> ProbePlan:
+    """The tensors to measure: always every weighted consumer's input (its channel means are
+    what mean compensation folds into biases), plus what each requested unit score reads:
+    ``idap`` the consumers' output energies, ``paper`` the producers' ReLU norms, ``wanda``
+    the producers' input channels; and every block's input and output. Probing only what the
+    chosen score needs keeps the calibration pass close to plain inference."""
+    scores = set(scores)
     plan = ProbePlan()
     index = graph.index
     for edit in graph.edits:
@@ -90,118 +119,130 @@ def plan_probes(graph: DependencyGraph, blocks: Iterable[Block] = ()) -> ProbePl
         if WEIGHTED.get(node.op_type) != edit.input:
             continue
         lay = graph.layouts[edit.tensor]
-        rank = index.rank(edit.tensor)
-        if rank is None:
+        shape = index.shape(edit.tensor)
+        if shape is None:
             continue
         if edit.role == "consumer":
-            plan.channels[edit.tensor] = ChannelProbe(edit.tensor, lay.axis, rank)
-            plan.energies.add(node.output[0])
-        else:
-            plan.relu_norms[edit.tensor] = ChannelProbe(edit.tensor, lay.axis, rank)
-            x = node.input[0]
-            x_rank = index.rank(x)
-            if x_rank is not None and x not in plan.channels:
-                axis = x_rank - 1 if node.op_type == "MatMul" else 1
-                plan.channels[x] = ChannelProbe(x, axis, x_rank)
+            plan.channels[edit.tensor] = ChannelProbe(edit.tensor, lay.axis, tuple(shape))
+            y = node.output[0]
+            if "idap" in scores and index.shape(y) is not None:
+                plan.energies[y] = tuple(index.shape(y))
+            continue
+        if "paper" in scores:
+            plan.relu_norms[edit.tensor] = ChannelProbe(edit.tensor, lay.axis, tuple(shape))
+        x = node.input[0]
+        x_shape = index.shape(x)
+        if "wanda" in scores and x_shape is not None and x not in plan.channels:
+            axis = len(x_shape) - 1 if node.op_type == "MatMul" else 1
+            plan.channels[x] = ChannelProbe(x, axis, tuple(x_shape))
     for block in blocks:
         plan.blocks[block.name] = block
         shape = index.shape(block.output)
         plan.batch_axis[block.name] = 0 if shape and shape[0] == 1 else None
+        plan.block_shape[block.name] = tuple(shape or ())
     return plan
 
 
-def _reduce(op: str, x: str, axes: list[int], out: str, opset: int, nodes, inits) -> None:
-    """Append ``op(x, axes, keepdims=0)`` with the axes spelled as this opset wants."""
-    as_input = opset >= 18 or (op == "ReduceSum" and opset >= 13)
-    if as_input:
-        name = f"{out}__axes"
-        inits.append(helper.make_tensor(name, TensorProto.INT64, [len(axes)], axes))
-        nodes.append(helper.make_node(op, [x, name], [out], keepdims=0, name=out))
-    else:
-        nodes.append(helper.make_node(op, [x], [out], axes=axes, keepdims=0, name=out))
+class _Builder:
+    """Appends reduction nodes in two stages, the precision/cost trade-off of the pass: over
+    the innermost reduced axis (image rows' pixels, a token's features; never the batch) in
+    float32, so no probed activation is copied; then the partial result, smaller by that
+    axis's length, is cast to float64 and reduced over the rest. Batches accumulate in
+    float64. The float32 stage sums at most that axis's length n of terms, so its relative
+    error is below n * 2**-24 (``resolution``)."""
 
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
 
-def augment(model: onnx.ModelProto, plan: ProbePlan) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of ``model`` with the reduction nodes of ``plan`` and their outputs."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    opset = next(i.version for i in out.opset_import if i.domain in ("", "ai.onnx"))
-    nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
-    outputs: list[str] = []
-    cast: set[str] = set()
+    def node(self, op: str, inputs: list[str], out: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
 
-    def as_float(t: str) -> str:
-        """Reductions run in float64: sums over millions of positions keep 1e-9 accuracy."""
-        name = f"idap::f64::{t}"
-        if name not in cast:
-            cast.add(name)
-            nodes.append(helper.make_node("Cast", [t], [name], to=TensorProto.DOUBLE, name=name))
-        return name
+    def reduce(self, op: str, x: str, axes: list[int], out: str) -> str:
+        """``op(x, axes, keepdims=0)`` with the axes spelled as this opset wants."""
+        if self.opset >= 18 or (op == "ReduceSum" and self.opset >= 13):
+            name = f"{out}__axes"
+            self.inits.append(helper.make_tensor(name, TensorProto.INT64, [len(axes)], axes))
+            return self.node(op, [x, name], out, keepdims=0)
+        return self.node(op, [x], out, axes=axes, keepdims=0)
 
-    for t, p in plan.channels.items():
-        axes = [a for a in range(p.rank) if a != p.axis]
-        f = as_float(t)
-        for op, key in (("ReduceSum", "sum"), ("ReduceSumSquare", "sumsq")):
-            name = f"idap::{key}::{t}"
-            _reduce(op, f, axes, name, opset, nodes, inits)
-            outputs.append(name)
-        size = f"idap::size::{t}"
-        nodes.append(helper.make_node("Size", [t], [size], name=size))
-        outputs.append(size)
-    for y in sorted(plan.energies):
-        name = f"idap::energy::{y}"
-        nodes.append(
-            helper.make_node("ReduceSumSquare", [as_float(y)], [name], keepdims=0, name=name)
-        )
-        outputs.append(name)
-    for t, p in plan.relu_norms.items():
-        relu = f"idap::relu::{t}"
-        nodes.append(helper.make_node("Relu", [as_float(t)], [relu], name=relu))
-        sq = f"idap::relusq::{t}"
-        spatial = [a for a in range(p.rank) if a not in (0, p.axis)]
-        if spatial:
-            _reduce("ReduceSumSquare", relu, spatial, sq, opset, nodes, inits)
-            norm = f"idap::relunorm_b::{t}"
-            nodes.append(helper.make_node("Sqrt", [sq], [norm], name=norm))
+    def total(self, op: str, x: str, shape: tuple, keep: set[int], out: str) -> str:
+        """``op`` (``ReduceSum`` or ``ReduceSumSquare``) of float32 ``x`` over every axis not
+        in ``keep``, as a float64 tensor named ``out`` whose axes are the kept ones in order."""
+        rank = len(shape)
+        rest = [a for a in range(rank) if a not in keep]
+        inner = [a for a in rest if a != 0][-1:]
+        if inner:
+            part, op = self.reduce(op, x, inner, f"{out}::f32"), "ReduceSum"
+        elif op == "ReduceSumSquare" and not rest:
+            part = self.node("Mul", [x, x], f"{out}::sq")
         else:
-            norm = f"idap::relunorm_b::{t}"
-            nodes.append(helper.make_node("Abs", [relu], [norm], name=norm))
-        name = f"idap::relunorm::{t}"
-        _reduce("ReduceSum", norm, [0], name, opset, nodes, inits)
-        outputs.append(name)
+            part = x
+        cast = self.node("Cast", [part], f"{out}::f64", to=TensorProto.DOUBLE)
+        left = [a for a in range(rank) if a not in inner]
+        axes = [left.index(a) for a in rest if a not in inner]
+        if axes:
+            return self.reduce(op, cast, axes, out)
+        return self.node("Identity", [cast], out)
+
+
+def resolution(shape: tuple, keep: set[int]) -> float:
+    """``3 n 2**-24``: bounds the float32 stage's relative error in a variance
+    ``E[a^2] - mu^2`` (n terms per float32 partial sum, see ``_Builder``; 1024 if unknown)."""
+    inner = [a for a in range(1, len(shape)) if a not in keep][-1:]
+    n = shape[inner[0]] if inner else 1
+    return 3.0 * (n if isinstance(n, int) and n > 0 else 1024) * 2.0**-24
+
+
+def augment(model: onnx.ModelProto, plan: ProbePlan) -> tuple[list[onnx.NodeProto],
+                                                              list[onnx.TensorProto], list[str]]:
+    """The reduction nodes of ``plan`` for ``model``: the graph's nodes with the probes
+    interleaved (each right after what it reads), the probes' constants, and their outputs.
+
+    Per channel probe on T (channel axis a): ``sum`` and ``sumsq`` over every other axis and
+    ``Size(T)``; per energy probe on Y: ``sum(Y**2)``; per ReLU-norm probe:
+    ``sum_b ||ReLU(T[b, c])||_2``; per block: ``sum_b ||y_b - x_b||`` and ``sum_b ||y_b||``.
+    """
+    opset = next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
+    b = _Builder(opset)
+    outputs: list[str] = []
+    for t, p in plan.channels.items():
+        for op, key in (("ReduceSum", "sum"), ("ReduceSumSquare", "sumsq")):
+            outputs.append(b.total(op, t, p.shape, {p.axis}, f"idap::{key}::{t}"))
+        outputs.append(b.node("Size", [t], f"idap::size::{t}"))
+    for y in sorted(plan.energies):
+        outputs.append(b.total("ReduceSumSquare", y, plan.energies[y], set(),
+                               f"idap::energy::{y}"))
+    for t, p in plan.relu_norms.items():
+        relu = b.node("Relu", [t], f"idap::relu::{t}")
+        sq = b.total("ReduceSumSquare", relu, p.shape, {0, p.axis}, f"idap::relusq::{t}")
+        norm = b.node("Sqrt", [sq], f"idap::relunorm_b::{t}")
+        outputs.append(b.reduce("ReduceSum", norm, [0], f"idap::relunorm::{t}"))
     for bname, block in plan.blocks.items():
-        x, y = as_float(block.input), as_float(block.output)
-        diff = f"idap::diff::{bname}"
-        nodes.append(helper.make_node("Sub", [y, x], [diff], name=diff))
-        for src, key in ((diff, "bdiff"), (y, "bout")):
+        diff = b.node("Sub", [block.output, block.input], f"idap::diff::{bname}")
+        shape = plan.block_shape[bname]
+        per_sample = plan.batch_axis[bname] is not None and len(shape) > 0
+        for src, key in ((diff, "bdiff"), (block.output, "bout")):
             name = f"idap::{key}::{bname}"
-            axis = plan.batch_axis[bname]
-            if axis is None:
-                sq = f"{name}::sq"
-                nodes.append(helper.make_node("ReduceSumSquare", [src], [sq], keepdims=0, name=sq))
-                nodes.append(helper.make_node("Sqrt", [sq], [name], name=name))
+            sq = b.total("ReduceSumSquare", src, shape, {0} if per_sample else set(),
+                         f"{name}::sq")
+            if per_sample:
+                norms = b.node("Sqrt", [sq], f"{name}::norms")
+                outputs.append(b.reduce("ReduceSum", norms, [0], name))
             else:
-                flat = f"{name}::flat"
-                shape = f"{name}::shape"
-                inits.append(helper.make_tensor(shape, TensorProto.INT64, [2], [0, -1]))
-                nodes.append(helper.make_node("Reshape", [src, shape], [flat], name=flat))
-                sq = f"{name}::sq"
-                _reduce("ReduceSumSquare", flat, [1], sq, opset, nodes, inits)
-                norms = f"{name}::norms"
-                nodes.append(helper.make_node("Sqrt", [sq], [norms], name=norms))
-                _reduce("ReduceSum", norms, [0], name, opset, nodes, inits)
-            outputs.append(name)
-    _interleave(out.graph, nodes, {i.name for i in inits})
-    out.graph.initializer.extend(inits)
-    out.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
-    return out, outputs
+                outputs.append(b.node("Sqrt", [sq], name))
+    consts = {i.name for i in b.inits}
+    return _interleave(model.graph, b.nodes, consts), b.inits, outputs
 
 
-def _interleave(graph: onnx.GraphProto, probes: list[onnx.NodeProto], consts: set[str]) -> None:
-    """Place each probe node right after the last node it depends on, so that (with
-    priority-based execution) a probed activation is reduced and freed as soon as it is made,
-    instead of every probed tensor living until the network's last node has run."""
+def _interleave(
+    graph: onnx.GraphProto, probes: list[onnx.NodeProto], consts: set[str]
+) -> list[onnx.NodeProto]:
+    """The graph's nodes with each probe placed right after the last node it depends on, so
+    that (with priority-based execution) a probed activation is reduced and freed as soon as
+    it is made, instead of every probed tensor living until the network's last node has run."""
     ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | consts
     pending = list(probes)
     ordered: list[onnx.NodeProto] = []
@@ -221,13 +262,11 @@ def _interleave(graph: onnx.GraphProto, probes: list[onnx.NodeProto], consts: se
             pending = rest
 
     flush()
-    for node in list(graph.node):
+    for node in graph.node:
         ordered.append(node)
         ready.update(node.output)
         flush()
-    ordered.extend(pending)
-    del graph.node[:]
-    graph.node.extend(ordered)
+    return ordered + pending
 
 
 def providers(device: str = "auto") -> list[str]:
@@ -252,13 +291,9 @@ def collect(
     total: int | None = None,
 ) -> CalibStats:
     """Run the augmented model over ``batches`` and accumulate the statistics."""
-    augmented, names = augment(model, plan)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # reduce each probe early
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(augmented.SerializeToString(), opts, providers=providers(device))
+    sess, names = _session(model, plan, device)
     stats = CalibStats(provider=sess.get_providers()[0])
+    stats.resolution = {t: resolution(p.shape, {p.axis}) for t, p in plan.channels.items()}
     iterator = batches
     bar = None
     if progress:
@@ -275,6 +310,37 @@ def collect(
     if bar is not None:
         bar.close()
     return stats
+
+
+def _session(model: onnx.ModelProto, plan: ProbePlan, device: str):
+    """An ONNX Runtime session of the augmented model. It is written to a temporary file with
+    its weights as external data (``model_io.write_variant``), so building it holds neither a
+    copy of the model nor its serialized bytes. Optimizations run up to the extended level:
+    a fusion never removes a tensor another node reads, so every probed name survives, and
+    the probes' own outputs are graph outputs (the layout level, ``ORT_ENABLE_ALL``, would
+    convert convolutions to NCHWc and reorder every probed tensor back: 3x the memory).
+    Priority-based order runs each probe right after its producer (see ``_interleave``)."""
+    nodes, inits, names = augment(model, plan)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    opts.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="idap-calib-") as tmp:
+        path = write_variant(model, Path(tmp) / "calib.onnx", nodes=nodes, initializers=inits,
+                             outputs=names)
+        del nodes, inits
+        _trim_heap()
+        sess = ort.InferenceSession(str(path), opts, providers=providers(device))
+    return sess, names
+
+
+def _trim_heap() -> None:
+    """Hands freed heap pages back to the OS before the session is built (glibc's
+    ``malloc_trim``; a no-op elsewhere), so the memory the model's analysis used and freed
+    does not stay in the process's resident set for the whole pass."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _add(store: dict, key: str, value) -> None:

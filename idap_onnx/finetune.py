@@ -2,11 +2,14 @@
 
 The pruned ONNX graph (the student) becomes an :class:`~idap_onnx.torch_graph.OnnxModule`
 whose float initializers are trainable; the ORIGINAL unpruned model (the teacher) runs in torch
-in eval mode without gradients. Loss per graph output: for logits (2-D ``[N, C>1]``)
+in eval mode without gradients. Loss per graph output: for logits
 
     tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau))  (+ ce_weight * CE(z_s, y) with labels)
 
-else the MSE to the teacher's output. AdamW with a cosine schedule; the best state on the
+else the MSE to the teacher's output. ``loss="auto"`` takes a 2-D ``[N, C>1]`` float output
+for logits unless its name says embedding (``EMBEDDING_NAMES``) or the teacher's rows are unit
+vectors (a normalized embedding: softmax over its features would be meaningless); ``"kl"`` and
+``"mse"`` force one kind for every 2-D output. AdamW with a cosine schedule; the best state on the
 validation part (top-1 with validation labels, else the negative distillation loss to the
 teacher) is kept, with early stopping after ``patience`` epochs without improvement.
 BatchNormalization running statistics (when the graph still has BN nodes) are re-estimated on
@@ -32,6 +35,10 @@ Sample = Mapping[str, np.ndarray]
 
 #: Relative L2 tolerance between ONNX Runtime on the written model and the torch module.
 WRITE_BACK_TOL = 1e-5
+#: How 2-D outputs are distilled (``FinetuneConfig.loss``).
+LOSSES = ("auto", "kl", "mse")
+#: Output names that ``loss="auto"`` takes for embeddings (MSE), not logits.
+EMBEDDING_NAMES = ("embed", "feature", "hidden", "pool")
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,8 @@ class FinetuneConfig:
     the data); ``ce_weight``: weight of the cross entropy to ``labels`` (when given);
     ``patience``: epochs without a better validation metric before stopping (needs ``val``);
     ``device``: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; ``threads``: torch
-    intra-op threads on CPU (1 is fastest for small convolutions).
+    intra-op threads on CPU (1 is fastest for small convolutions); ``loss``: how 2-D outputs
+    are distilled, ``auto``, ``kl`` or ``mse`` (module docstring).
     """
 
     epochs: int = 3
@@ -57,6 +65,7 @@ class FinetuneConfig:
     recalibrate_bn: bool = True
     device: str = "auto"
     threads: int = 1
+    loss: str = "auto"
 
     def check(self) -> None:
         if self.epochs < 0:
@@ -75,6 +84,8 @@ class FinetuneConfig:
             raise UsageError(f"finetune ce_weight {self.ce_weight} must be >= 0")
         if self.patience < 1:
             raise UsageError(f"finetune patience {self.patience} must be >= 1")
+        if self.loss not in LOSSES:
+            raise UsageError(f"finetune loss '{self.loss}': choose one of {', '.join(LOSSES)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"finetune device {self.device!r}: choose auto, cpu or cuda")
         if self.threads < 0:
@@ -103,16 +114,25 @@ def _stack(samples: Sequence[Sample], idx: Sequence[int], names: Sequence[str]):
     }
 
 
-def _is_logits(t) -> bool:
-    return t.dim() == 2 and t.shape[1] > 1 and t.is_floating_point()
+def _is_logits(t, loss: str = "auto", name: str = "") -> bool:
+    """Whether teacher output ``t`` (graph output ``name``) is distilled as logits (KL), else
+    by MSE."""
+    if loss == "mse" or not (t.dim() == 2 and t.shape[1] > 1 and t.is_floating_point()):
+        return False
+    if loss == "kl":
+        return True
+    if any(word in name.lower() for word in EMBEDDING_NAMES):
+        return False
+    norms = t.detach().float().norm(dim=1)
+    return not bool(((norms - 1).abs() < 1e-3).all())
 
 
 def _as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
 
-def _distill(student_out, teacher_out, y, config: FinetuneConfig):
-    """The loss summed over graph outputs (float outputs only)."""
+def _distill(student_out, teacher_out, y, config: FinetuneConfig, names=()):
+    """The loss summed over graph outputs (float outputs only; ``names``: theirs)."""
     import torch.nn.functional as F
 
     total = None
@@ -120,7 +140,7 @@ def _distill(student_out, teacher_out, y, config: FinetuneConfig):
         if not zs.is_floating_point():
             continue
         zs, zt = zs.float(), zt.float()
-        if _is_logits(zt):
+        if _is_logits(zt, config.loss, names[k] if k < len(names) else ""):
             tau = config.tau
             term = (
                 F.kl_div(
@@ -309,6 +329,7 @@ def _train(s_mod, t_mod, data, labels, val, val_labels, config, device, progress
     import torch
 
     names = s_mod.input_names
+    outputs = list(s_mod.output_names)
     n = len(data)
     bs = min(config.batch_size, n)
     steps = config.steps or math.ceil(n / bs)
@@ -351,7 +372,7 @@ def _train(s_mod, t_mod, data, labels, val, val_labels, config, device, progress
                     pred = s_out[0].argmax(dim=1).cpu()
                     correct += int((pred == y).sum())
                 else:
-                    loss_sum += float(_distill(s_out, t_out, None, config)) * k
+                    loss_sum += float(_distill(s_out, t_out, None, config, outputs)) * k
                 count += k
         s_mod.train()
         return correct / count if val_labels is not None else -loss_sum / count
@@ -379,7 +400,7 @@ def _train(s_mod, t_mod, data, labels, val, val_labels, config, device, progress
                 y = None if y_all is None else y_all[idx].to(device)
                 t_out = teacher_out(feeds)
                 s_out = _as_tuple(s_mod(feeds))
-                loss = _distill(s_out, t_out, y, config)
+                loss = _distill(s_out, t_out, y, config, outputs)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

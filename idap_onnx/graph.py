@@ -13,6 +13,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+# Constants up to this size are cached as arrays by ``GraphIndex.constant``; larger ones (the
+# weights) are decoded on each call, so an analysis does not hold a second copy of the model.
+_CACHED_BYTES = 1 << 16
+
 Dim = int | str | None
 Shape = tuple[Dim, ...]
 
@@ -99,9 +103,12 @@ class GraphIndex:
         """The value of ``name`` when it is an initializer, an Identity of one, or a Constant."""
         init = self.initializer_name(name)
         if init is not None:
-            if init not in self._arrays:
-                self._arrays[init] = numpy_helper.to_array(self.initializers[init])
-            return self._arrays[init]
+            if init in self._arrays:
+                return self._arrays[init]
+            array = numpy_helper.to_array(self.initializers[init])
+            if array.nbytes <= _CACHED_BYTES:  # shapes, axes, indices: read again and again
+                self._arrays[init] = array
+            return array
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             for attr in node.attribute:

@@ -18,7 +18,7 @@ import contextlib
 import os
 import pathlib
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO
 
 import numpy as np
@@ -38,6 +38,7 @@ __all__ = [
     "load_model",
     "model_opset",
     "save_model",
+    "write_variant",
 ]
 
 #: Serialized size (bytes) from which :func:`save_model` writes tensors to an external file.
@@ -476,3 +477,67 @@ def _require_in_memory(model: onnx.ModelProto, destination: pathlib.Path) -> Non
                 f"cannot save '{destination}': tensor '{tensor.name}' still refers to external "
                 "data; load the model with idap_onnx.model_io.load_model"
             )
+
+
+# ----------------------------------------------------------------------------------------------
+# Session files: a variant of a model for ONNX Runtime, without copying its weights in memory
+# ----------------------------------------------------------------------------------------------
+
+
+def write_variant(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    nodes: Iterable[onnx.NodeProto],
+    initializers: Iterable[onnx.TensorProto] = (),
+    outputs: Iterable[str] = (),
+) -> pathlib.Path:
+    """Writes ``model`` with its main graph's node list replaced by ``nodes`` and the given
+    ``initializers`` and ``outputs`` added, for an ONNX Runtime session to load from ``path``.
+
+    The weights are streamed one tensor at a time into ``<path>.data`` (external data, offsets
+    aligned for mmap), so peak memory stays the model plus one tensor: no copy of the model,
+    no serialized string of it. ``model`` is not modified. Not atomic: meant for a temporary
+    directory (use :func:`save_model` for results).
+    """
+    destination = pathlib.Path(path)
+    location = f"{destination.name}.data"
+    head = onnx.ModelProto()
+    _copy_fields(model, head, skip=("graph",))
+    _copy_fields(model.graph, head.graph, skip=("node", "initializer"))
+    head.graph.node.extend(nodes)
+    with open(destination.parent / location, "wb") as data:
+        for tensor in model.graph.initializer:
+            if not tensor.HasField("raw_data"):
+                head.graph.initializer.add().CopyFrom(tensor)
+                continue
+            raw = tensor.raw_data
+            if len(raw) < _EXTERNAL_TENSOR_MIN_BYTES:
+                head.graph.initializer.add().CopyFrom(tensor)
+                continue
+            data.write(b"\0" * (-data.tell() % _EXTERNAL_ALIGNMENT))
+            stub = head.graph.initializer.add()
+            _copy_fields(tensor, stub, skip=("raw_data",))
+            for key, value in (("location", location), ("offset", data.tell()),
+                               ("length", len(raw))):
+                entry = stub.external_data.add()
+                entry.key, entry.value = key, str(value)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            data.write(raw)
+    head.graph.initializer.extend(initializers)
+    head.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
+    destination.write_bytes(head.SerializeToString())
+    return destination
+
+
+def _copy_fields(source, target, *, skip: tuple[str, ...]) -> None:
+    """Copies every set field of protobuf message ``source`` into ``target`` except ``skip``."""
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)

@@ -298,7 +298,9 @@ def _stage1(
         if _met(cost, *targets):
             break
         graph = analyze_model(current, shapes)
-        stats = collect(current, plan_probes(graph), calib, device=config.device)
+        stats = collect(
+            current, plan_probes(graph, scores=(config.score,)), calib, device=config.device
+        )
         result.provider = stats.provider
         scores = unit_scores(
             graph, stats, config.score, mean_compensation=config.mean_compensation, seed=config.seed
@@ -401,7 +403,7 @@ def _prune(current, graph, removal, stats, config, shapes, calib):
 def _stage2(current, cost, calib, evaluator, config, shapes, budget, targets, result, say):
     graph = analyze_model(current, shapes)
     blocks = find_blocks(current, graph.index)
-    stats = collect(current, plan_probes(graph, blocks), calib, device=config.device)
+    stats = collect(current, plan_probes(graph, blocks, scores=()), calib, device=config.device)
     divergence = block_divergence(stats)
     result.block_divergence = dict(sorted(divergence.items(), key=lambda kv: kv[1]))
     order = list(result.block_divergence)

@@ -201,7 +201,7 @@ def sensitivity(
     shapes = dict(input_shapes or {k: list(v.shape) for k, v in prep.calib[0].items()})
     graph = analyze_model(model, shapes)
     blocks = find_blocks(model, graph.index)
-    stats = collect(model, plan_probes(graph, blocks), prep.calib)
+    stats = collect(model, plan_probes(graph, blocks, scores=(score,)), prep.calib)
     scores = unit_scores(graph, stats, score)
     ev = prep.evaluator
     groups = []

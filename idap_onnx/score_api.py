@@ -271,7 +271,7 @@ def score(
 
     graph = analyze_model(model, shapes)
     blocks = find_blocks(graph.model, graph.index)
-    plan = plan_probes(graph, blocks)
+    plan = plan_probes(graph, blocks, scores=(score,))
     analyzed = time.perf_counter()
 
     usable = len(cal) - len(cal) % batch_size if static_batch else len(cal)

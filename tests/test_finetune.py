@@ -309,3 +309,21 @@ def test_optimize_cli_accepts_finetune(digits, tmp_path):
     )
     assert code == 0
     assert (tmp_path / "o.onnx").exists()
+
+
+def test_auto_loss_tells_logits_from_embeddings():
+    """``loss="auto"``: KL for class scores; MSE for a normalized embedding or an output
+    named as an embedding (softmax over embedding features would be meaningless)."""
+    from idap_onnx.finetune import _is_logits
+
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4, 10, generator=gen)
+    unit = torch.nn.functional.normalize(torch.randn(4, 384, generator=gen), dim=1)
+
+    assert _is_logits(logits, "auto", "logits")
+    assert not _is_logits(unit, "auto", "output")
+    assert not _is_logits(logits, "auto", "sentence_embedding")
+    assert _is_logits(unit, "kl", "output") and not _is_logits(logits, "mse", "logits")
+    assert not _is_logits(torch.randn(4, 3, 8, 8, generator=gen), "auto", "map")
+    with pytest.raises(UsageError, match="finetune loss"):
+        FinetuneConfig(loss="cosine").check()

@@ -161,6 +161,27 @@ def test_forced_external_data_save_reloads_equal(legacy_export, image, tmp_path)
     )
 
 
+def test_write_variant_streams_weights_and_leaves_the_model_alone(legacy_export, image, tmp_path):
+    """A session file with an extra output: the weights go to ``.data`` one tensor at a time,
+    the caller's model is unchanged and ORT computes the same outputs."""
+    model = load_model(legacy_export)
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    probe = onnx.helper.make_node("ReduceSumSquare", ["logits"], ["energy"], keepdims=0)
+
+    path = model_io.write_variant(
+        model, tmp_path / "v.onnx", nodes=[*model.graph.node, probe], outputs=["energy"]
+    )
+
+    assert model == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.onnx", "v.onnx.data"]
+    on_disk = onnx.load(str(path), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in on_disk.graph.initializer)
+    y, energy = _run(path, {"input": image})
+    np.testing.assert_array_equal(y, _run(legacy_export, {"input": image})[0])
+    assert float(energy) == pytest.approx(float((y.astype(np.float64) ** 2).sum()), rel=1e-5)
+
+
 def test_small_models_are_saved_as_one_file(tmp_path):
     save_model(_conv_model(), tmp_path / "small.onnx")
 

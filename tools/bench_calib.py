@@ -7,22 +7,20 @@ For each model and sample count N, every configuration runs the same N synthetic
 * ``plain-opt``: an ``InferenceSession`` of the unmodified file with the default graph
   optimizations (what a user deploys);
 * ``plain-noopt``: the same with ``ORT_DISABLE_ALL`` (the level ``calib.stats.collect`` uses);
-* ``collect``: ``calib.stats.collect`` as ``idap-onnx score`` runs it (augmented graph with
-  float64 reductions, optimizations off), after the one-off analysis (timed apart);
-* diagnostic variants of ``collect``, patched inside the child only (``calib/stats.py`` is not
-  changed): ``collect-f32`` drops the ``Cast`` to float64 in front of the reductions;
-  ``collect-order`` moves each reduction right after the node whose output it reads and runs
-  the session with ``ExecutionOrder.PRIORITY_BASED`` (ORT's default order is a reverse DFS from
-  the graph's leaves, which runs the whole network first and every appended reduction after
-  it, so every probed activation stays alive to the end; ``calib/stats.py`` does this itself
-  since commit 8105640, so the variant only matters for older versions); ``collect-f32-order``
-  both;
-  ``collect-opt`` turns graph optimizations back on; ``collect-lean`` is ``collect-f32-order``
-  that also probes only what ``idap`` needs (no ReLU-norm probes, which only ``paper`` reads)
-  and lets go of the augmented proto once the session is built. Their unit scores and D_l are
-  compared with ``collect``'s.
+* ``collect``: ``calib.stats.collect`` as ``idap-onnx score`` runs it with the default score
+  (probes for ``idap`` only: consumer channels, their output energies, block norms; float32
+  reductions within a sample, float64 across; optimizations off), after the one-off analysis
+  (timed apart);
+* ``collect-all``: the same with the probes of every score (``paper``'s ReLU norms and
+  ``wanda``'s producer-input channels too). Its unit scores and D_l are compared with
+  ``collect``'s (they must be equal).
 
-Time is session creation plus the batch loop (the augmentation is included for ``collect``),
+(Earlier versions of this tool also patched diagnostic variants into
+``calib.stats``; their findings, recorded in ``docs/BENCHMARKS.md``, are now in
+``calib/stats.py`` itself.)
+
+Time is session creation plus the batch loop (for ``collect`` also the augmentation and the
+session file it writes),
 the fastest of ``--repeat`` runs made round robin (other work on a shared machine only ever
 slows a run down);
 memory is the process's peak RSS (``VmHWM``) over that phase, reset (``/proc/self/clear_refs``)
@@ -62,8 +60,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 SEQ = 128
 PLAIN = ("plain-opt", "plain-noopt")
-COLLECT = ("collect", "collect-f32", "collect-order", "collect-f32-order", "collect-opt",
-           "collect-lean")
+COLLECT = ("collect", "collect-all")
 MODES = PLAIN + COLLECT
 MAIN = ("plain-opt", "plain-noopt", "collect")
 
@@ -112,88 +109,6 @@ def _feeds(kind: str, names: list[str], n: int, batch: int, vocab: int, seed: in
         yield feed
 
 
-def _drop_f64_casts(model):
-    """The augmented model with its ``idap::f64::*`` Casts removed: reductions in float32."""
-    alias = {n.output[0]: n.input[0] for n in model.graph.node if n.name.startswith("idap::f64::")}
-    keep = [n for n in model.graph.node if not n.name.startswith("idap::f64::")]
-    for node in keep:
-        for i, name in enumerate(node.input):
-            if name in alias:
-                node.input[i] = alias[name]
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-    return model
-
-
-def _interleave(model, originals: int):
-    """The augmented model with each appended node moved right after the node that makes
-    its last input, so a probed activation can be freed as soon as it is reduced."""
-    nodes = list(model.graph.node)
-    pending = nodes[originals:]
-    ready = {v.name for v in model.graph.input} | {t.name for t in model.graph.initializer}
-    ready.add("")
-    order = []
-
-    def place() -> None:
-        nonlocal pending
-        placed = True
-        while placed:
-            waiting = []
-            for node in pending:
-                if all(name in ready for name in node.input):
-                    order.append(node)
-                    ready.update(node.output)
-                else:
-                    waiting.append(node)
-            placed, pending = len(waiting) < len(pending), waiting
-
-    place()
-    for node in nodes[:originals]:
-        order.append(node)
-        ready.update(node.output)
-        place()
-    del model.graph.node[:]
-    model.graph.node.extend(order)
-    return model
-
-
-class _Released:
-    """Stands in for the augmented proto inside ``collect``: serialized once for the session,
-    then let go (``collect`` keeps its augmented model alive for the whole run)."""
-
-    def __init__(self, model):
-        self._model = model
-
-    def SerializeToString(self) -> bytes:  # noqa: N802 - mirrors protobuf's name
-        data, self._model = self._model.SerializeToString(), None
-        return data
-
-
-class _OrtProxy:
-    """``onnxruntime`` as ``calib.stats`` sees it: times session creation; optionally turns
-    graph optimizations on, or runs nodes in ORT's priority-based order (which, unlike the
-    default order, follows the node order of the file)."""
-
-    def __init__(self, real, optimize: bool, in_file_order: bool):
-        self._real = real
-        self._optimize = optimize
-        self._in_file_order = in_file_order
-        self.create_s = 0.0
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def InferenceSession(self, model, opts, **kwargs):  # noqa: N802 - mirrors ort's name
-        if self._optimize:
-            opts.graph_optimization_level = self._real.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self._in_file_order:
-            opts.execution_order = self._real.ExecutionOrder.PRIORITY_BASED
-        started = time.perf_counter()
-        session = self._real.InferenceSession(model, opts, **kwargs)
-        self.create_s += time.perf_counter() - started
-        return session
-
-
 def _child(spec: dict) -> dict:
     import onnxruntime as ort
 
@@ -226,29 +141,11 @@ def _child(spec: dict) -> dict:
         model = load_model(path)
         shapes = {name: [1, *dims[1:]] for name, dims in spec["shapes"].items()}
         graph = analyze_model(model, shapes)
-        plan = stats_mod.plan_probes(graph, find_blocks(graph.model, graph.index))
-        if mode == "collect-lean":
-            plan.relu_norms = {}  # only the ``paper`` score reads them
+        scores_probed = ("idap",) if mode == "collect" else stats_mod.PROBED_SCORES
+        plan = stats_mod.plan_probes(graph, find_blocks(graph.model, graph.index),
+                                     scores=scores_probed)
         result["analysis_s"] = time.perf_counter() - started
         result["analysis_peak_kib"] = _status()["VmHWM"]
-        lean = mode == "collect-lean"
-        proxy = _OrtProxy(ort, optimize=mode.endswith("-opt"),
-                          in_file_order="order" in mode or lean)
-        stats_mod.ort = proxy
-        original = stats_mod.augment
-        augment_time = [0.0]
-
-        def augment(model, plan):
-            t = time.perf_counter()
-            out, names = original(model, plan)
-            if "f32" in mode or lean:
-                out = _drop_f64_casts(out)
-            if "order" in mode or lean:
-                out = _interleave(out, len(model.graph.node))
-            augment_time[0] += time.perf_counter() - t
-            return (_Released(out) if lean else out), names
-
-        stats_mod.augment = augment
         gc.collect()
         _reset_peak()
         base = _status()["VmRSS"]
@@ -257,8 +154,7 @@ def _child(spec: dict) -> dict:
         feeds = _feeds(kind, list(spec["shapes"]), n, batch, spec["vocab"])
         stats = stats_mod.collect(model, plan, feeds, device="cpu")
         done = time.perf_counter()
-        result.update(create_s=proxy.create_s, augment_s=augment_time[0],
-                      loop_s=done - started - proxy.create_s - augment_time[0],
+        result.update(create_s=0.0, augment_s=0.0, loop_s=done - started,
                       provider=stats.provider, samples=stats.samples, cpu_s=_cpu() - cpu,
                       peak_kib=_status()["VmHWM"])
         scores = unit_scores(graph, stats, "idap")

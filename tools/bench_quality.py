@@ -246,8 +246,10 @@ def run_variant(
 
 
 def run_task(
-    task: Task, targets, scores, seeds, p0, log, oneshot: tuple[str, ...] = ()
+    task: Task, targets, scores, seeds, p0: Callable[[float], float], log,
+    oneshot: tuple[str, ...] = ()
 ) -> tuple[list[dict], dict]:
+    """Every variant at every target; ``p0(target)`` is the schedule's first fraction."""
     from idap_onnx.metrics import Evaluator
 
     t0 = time.perf_counter()
@@ -259,7 +261,7 @@ def run_task(
         "metric": task.metric,
         "val0": val_ev.original_metric,
         "test0": test_ev.original_metric,
-        "p0": p0,
+        "p0": {str(t): p0(t) for t in targets},
         "setup_seconds": time.perf_counter() - t0,
     }
     rows = []
@@ -268,7 +270,9 @@ def run_task(
             for mc in (True, False):
                 for seed in seeds if score == "random" else (0,):
                     log(f"{task.name} target {target} {score} mc={mc} seed={seed}")
-                    row = run_variant(task, target, score, mc, seed, p0, (val_ev, test_ev), log)
+                    row = run_variant(
+                        task, target, score, mc, seed, p0(target), (val_ev, test_ev), log
+                    )
                     log(
                         f"  -> MACs {row['macs'] / row['macs0']:.3f}, val {row['val']:.4f}, "
                         f"test {row['test']:.4f}, {row['seconds']:.1f} s"
@@ -278,7 +282,8 @@ def run_task(
             for seed in seeds if score == "random" else (0,):
                 log(f"{task.name} target {target} {score} one-shot seed={seed}")
                 row = run_variant(
-                    task, target, score, True, seed, p0, (val_ev, test_ev), log, oneshot=True
+                    task, target, score, True, seed, p0(target), (val_ev, test_ev), log,
+                    oneshot=True
                 )
                 log(
                     f"  -> MACs {row['macs'] / row['macs0']:.3f}, val {row['val']:.4f}, "
@@ -455,17 +460,19 @@ def render(rows: list[dict], infos: list[dict], meta: dict) -> str:
             f"### {info['model']}",
             "",
             f"Metric: {metric}. Original: val {_pct(info['val0'])}, test "
-            f"{_pct(info['test0'])}. {info['data'][0].upper()}{info['data'][1:]}. "
-            f"p0 = {info['p0']}.",
+            f"{_pct(info['test0'])}. {info['data'][0].upper()}{info['data'][1:]}.",
             "",
         ]
         for target in sorted({r["target"] for r in model_rows}, reverse=True):
             at = [r for r in model_rows if r["target"] == target]
             group = _group([r for r in at if r.get("schedule", "iterative") == "iterative"])
             ref = next((g for g in group if g["score"] == "idap" and g["mc"]), None)
+            p0s = sorted({r["p0"] for r in at if r.get("schedule", "iterative") == "iterative"})
             lines += [
                 f"#### {info['model']}: {100 * (1 - target):.0f} % of MACs removed "
                 f"(target {100 * target:.0f} % kept)",
+                "",
+                f"Schedule: p0 = {', '.join(f'{v:g}' for v in p0s)}, T = {STEPS}.",
                 "",
                 "| score | MC | MACs % | val % | test % | val err | idap lead (test) | "
                 "steps | time s |",
@@ -516,6 +523,19 @@ def render(rows: list[dict], infos: list[dict], meta: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def merge(old: dict, rows: list[dict], infos: list[dict], meta: dict):
+    """``old``'s rows for (model, target) pairs not in ``rows``, then ``rows``; the command
+    of ``old`` then this one."""
+    done = {(r["model"], r["target"]) for r in rows}
+    kept = [r for r in old["rows"] if (r["model"], r["target"]) not in done]
+    new_models = {i["model"] for i in infos}
+    merged_infos = [i for i in old["infos"] if i["model"] not in new_models] + infos
+    order = [i["model"] for i in old["infos"]] + [i["model"] for i in infos]
+    merged_infos.sort(key=lambda i: order.index(i["model"]))
+    command = f"{old['meta']['command']}`, then `{meta['command']}"
+    return kept + rows, merged_infos, {**meta, "command": command}
+
+
 def write_section(path: Path, section: str) -> None:
     """Replace (or append) SECTION in ``path``; keep the other sections and our Observations."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -561,8 +581,9 @@ def main(argv: list[str] | None = None) -> int:
         "--p0",
         nargs="*",
         default=[],
-        metavar="MODEL=P0",
-        help=f"first-step fraction per model (default {DEFAULT_P0})",
+        metavar="MODEL[@TARGET]=P0",
+        help=f"first-step fraction per model, or per model and target, e.g. minilm@0.3=0.2 "
+        f"(default {DEFAULT_P0})",
     )
     parser.add_argument(
         "--oneshot",
@@ -592,6 +613,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", help="also write the raw rows here")
     parser.add_argument("--from-json", help="render the rows of an earlier --json, run nothing")
+    parser.add_argument(
+        "--merge-json",
+        help="an earlier --json whose rows for the (model, target) pairs not run now are kept "
+        "(rerun some targets, keep the rest)",
+    )
     args = parser.parse_args(argv)
 
     def log(line: str) -> None:
@@ -618,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.p0:
             name, _, value = item.partition("=")
             p0[name] = float(value)
+
+        def p0_for(model: str) -> Callable[[float], float]:
+            return lambda target: p0.get(f"{model}@{target:g}", p0[model])
+
         meta = {
             "command": "python tools/bench_quality.py " + shlex.join(argv or sys.argv[1:]),
             "machine": machine(),
@@ -627,11 +657,19 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             task = make_task(name)
             task_rows, info = run_task(
-                task, args.targets, args.scores, args.seeds, p0[name], log, tuple(args.oneshot)
+                task, args.targets, args.scores, args.seeds, p0_for(name), log,
+                tuple(args.oneshot)
             )
             rows += task_rows
             infos.append(info)
             if args.json:  # keep what is done so far
+                Path(args.json).write_text(
+                    json.dumps({"rows": rows, "infos": infos, "meta": meta}, indent=1)
+                )
+        if args.merge_json:
+            rows, infos, meta = merge(json.loads(Path(args.merge_json).read_text()), rows,
+                                      infos, meta)
+            if args.json:
                 Path(args.json).write_text(
                     json.dumps({"rows": rows, "infos": infos, "meta": meta}, indent=1)
                 )

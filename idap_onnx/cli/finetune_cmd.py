@@ -76,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--patience", metavar="N", type=int, default=2, help="early-stop patience (2)"
     )
+    train.add_argument(
+        "--loss",
+        choices=("auto", "kl", "mse"),
+        default="auto",
+        help="how 2-D outputs are distilled: kl (logits), mse, or auto: kl unless the "
+        "original's rows are unit vectors (a normalized embedding)",
+    )
     train.add_argument("--seed", metavar="S", type=int, default=0, help="seed (0)")
     train.add_argument(
         "--device",
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> None:
         patience=args.patience,
         device=args.device,
         threads=args.threads,
+        loss=args.loss,
     )
     config.check()
     student = load_model(args.model)
