@@ -6,13 +6,15 @@ Unit scores (lower = removed first), per group, summed over the group's members:
 
       e_kc   = ||W_k[:, c]||^2 * (var_c + mu_c^2) * P_k      (var_c alone with mean
                                                               compensation)
-      D_f(u) = sqrt( sum_k sum_{c in u} e_kc / E||Y_k||^2 )
+      D_f(u) = sqrt( sum_k sum_{c in u} e_kc / E||T_k||^2 )
 
-  over every consumer k of the group (``W_k[:, c]`` flattened over the kernel, ``P_k`` the
-  output positions of k per sample, ``Y_k`` its output): the relative change of each next
-  flow tensor, summed over the consumers. With one consumer this is METHOD.md's formula; with
-  several, METHOD.md pools the denominator (``sum_k e_kc / sum_k E||Y_k||^2``), which changes
-  when one consumer is rescaled, while normalizing per consumer keeps the paper's scale
+  over every consumer k of the group (``W_k[:, c]`` flattened over the kernel, ``P_k`` the output
+  positions of k per sample, ``T_k`` the next flow tensor: k's output ``Y_k``, or, when k ends a
+  residual branch, the block output ``y = x + f(x)`` that ``Y_k`` joins, since removing c changes
+  ``y`` by exactly what it changes ``Y_k``; stage 2's D_l measures the same tensors): the relative
+  change of each next flow tensor, summed over the consumers. With one consumer this is METHOD.md's
+  formula; with several, METHOD.md pools the denominator (``sum_k e_kc / sum_k E||Y_k||^2``), which
+  changes when one consumer is rescaled, while normalizing per consumer keeps the paper's scale
   invariance for every group (a deliberate choice, tested). Comparable across layers and
   additive over a head's channels.
 - ``paper``: the released code's ``(1/(C*H*W)) * mean_b ||ReLU(Y_{b,c})||_2 * ||W_c||_2`` on
@@ -91,7 +93,7 @@ def _idap(graph: DependencyGraph, stats: CalibStats, mean_compensation: bool):
         y_shape = graph.index.shape(y) or ()
         out_ch = _out_channels(node, w)
         positions = _positions(y_shape, out_ch, stats, y)
-        out_energy = stats.energy.get(y, 0.0) / n
+        out_energy = stats.energy.get(stats.flow.get(y, y), 0.0) / n
         if out_energy <= 0:
             continue
         _accumulate(graph, x, w2 * m2 * positions / out_energy, energy)

@@ -12,7 +12,8 @@ What is measured (see ``calib.scores`` for the formulas that use it):
 
 - ``channel[T]``: for a tensor T with channel axis a: ``sum``, ``sumsq`` per element of a,
   and ``count`` (positions per channel, summed over batches);
-- ``energy[Y]``: ``sum(Y**2)`` of a consumer's output, summed over batches;
+- ``energy[Y]``: ``sum(Y**2)`` of the flow tensor a consumer's output joins (``flow``),
+  summed over batches;
 - ``relu_norm[Y]``: ``sum_b ||ReLU(Y[b, c])||_2`` per channel (the released code's score);
 - ``block[name]``: ``sum_b ||y_b - x_b||`` and ``sum_b ||y_b||`` (layer divergence);
 - ``samples``: the number of samples seen.
@@ -33,7 +34,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from idap_onnx.blocks import Block
+from idap_onnx.blocks import Block, find_blocks, residual_flows
 from idap_onnx.dependency import SLICE, DependencyGraph
 from idap_onnx.model_io import write_variant
 
@@ -63,6 +64,7 @@ class ProbePlan:
     blocks: dict[str, Block] = field(default_factory=dict)
     batch_axis: dict[str, int | None] = field(default_factory=dict)
     block_shape: dict[str, tuple] = field(default_factory=dict)  # of the block's output
+    flow: dict[str, str] = field(default_factory=dict)  # consumer output -> its flow tensor
 
 
 @dataclass
@@ -76,6 +78,7 @@ class CalibStats:
     energy: dict[str, float] = field(default_factory=dict)
     relu_norm: dict[str, np.ndarray] = field(default_factory=dict)
     resolution: dict[str, float] = field(default_factory=dict)
+    flow: dict[str, str] = field(default_factory=dict)  # see ``ProbePlan.flow``
     block_diff: dict[str, float] = field(default_factory=dict)
     block_out: dict[str, float] = field(default_factory=dict)
     provider: str = "CPUExecutionProvider"
@@ -106,12 +109,16 @@ def plan_probes(
 ) -> ProbePlan:
     """The tensors to measure: always every weighted consumer's input (its channel means are
     what mean compensation folds into biases), plus what each requested unit score reads:
-    ``idap`` the consumers' output energies, ``paper`` the producers' ReLU norms, ``wanda``
-    the producers' input channels; and every block's input and output. Probing only what the
-    chosen score needs keeps the calibration pass close to plain inference."""
+    ``idap`` the energies of the flow tensors the consumers' outputs join (``flow``: the
+    residual block's output for the last weighted node of a branch, else the output itself),
+    ``paper`` the producers' ReLU norms, ``wanda`` the producers' input channels; and every
+    block's input and output. Probing only what the chosen score needs keeps the calibration
+    pass close to plain inference."""
     scores = set(scores)
     plan = ProbePlan()
     index = graph.index
+    if "idap" in scores:
+        plan.flow = residual_flows(index, find_blocks(graph.model, index))
     for edit in graph.edits:
         if edit.kind != SLICE or edit.role not in ("producer", "consumer"):
             continue
@@ -124,7 +131,7 @@ def plan_probes(
             continue
         if edit.role == "consumer":
             plan.channels[edit.tensor] = ChannelProbe(edit.tensor, lay.axis, tuple(shape))
-            y = node.output[0]
+            y = plan.flow.get(node.output[0], node.output[0])
             if "idap" in scores and index.shape(y) is not None:
                 plan.energies[y] = tuple(index.shape(y))
             continue
@@ -294,6 +301,7 @@ def collect(
     sess, names = _session(model, plan, device)
     stats = CalibStats(provider=sess.get_providers()[0])
     stats.resolution = {t: resolution(p.shape, {p.axis}) for t, p in plan.channels.items()}
+    stats.flow = dict(plan.flow)
     iterator = batches
     bar = None
     if progress:
@@ -320,6 +328,7 @@ def _session(model: onnx.ModelProto, plan: ProbePlan, device: str):
     the probes' own outputs are graph outputs (the layout level, ``ORT_ENABLE_ALL``, would
     convert convolutions to NCHWc and reorder every probed tensor back: 3x the memory).
     Priority-based order runs each probe right after its producer (see ``_interleave``)."""
+    _trim_heap()
     nodes, inits, names = augment(model, plan)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED

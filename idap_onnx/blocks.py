@@ -152,3 +152,36 @@ def _chain(index: GraphIndex, first: onnx.NodeProto) -> Block | None:
             return None
         chain.append(node)
     return None
+
+
+# Ops that carry a tensor on to the next without rescaling it (a constant ``Add`` is a bias).
+_CARRY = frozenset({"Identity", "Dropout", "Reshape", "Transpose", "Flatten", "Squeeze",
+                    "Unsqueeze"})
+
+
+def residual_flows(index: GraphIndex, blocks: list[Block]) -> dict[str, str]:
+    """Output of the last weighted node of each residual branch -> the block's output.
+
+    In ``y = x + f(x)`` the flow tensor that this node's output joins is ``y``, not ``f(x)``:
+    removing one of its input channels changes ``f(x)``, and with it ``y``, by the same
+    amount. The walk from ``f(x)`` back to the node passes only ops that carry a tensor
+    unscaled (``_CARRY``, and ``Add`` of a constant bias); a branch ending in anything else
+    (a BatchNormalization, a scaling ``Mul``) maps nothing.
+    """
+    flows: dict[str, str] = {}
+    for block in blocks:
+        if block.kind != "residual":
+            continue
+        tensor = block.branch
+        node = index.producer.get(tensor)
+        while node is not None and node.op_type not in WEIGHTED:
+            data = [i for i in node.input if i and not index.is_constant(i)]
+            carries = node.op_type in _CARRY or (node.op_type == "Add" and len(data) == 1)
+            if not carries or len(data) != 1:
+                node = None
+                break
+            tensor = data[0]
+            node = index.producer.get(tensor)
+        if node is not None:
+            flows[node.output[0]] = block.output
+    return flows

@@ -531,13 +531,16 @@ def write_variant(
 
 
 def _copy_fields(source, target, *, skip: tuple[str, ...]) -> None:
-    """Copies every set field of protobuf message ``source`` into ``target`` except ``skip``."""
-    for field, value in source.ListFields():
+    """Copies every set field of protobuf message ``source`` into ``target`` except ``skip``
+    (which are never read: reading ``raw_data`` would copy the tensor's bytes)."""
+    for field in source.DESCRIPTOR.fields:
         if field.name in skip:
             continue
         if field.is_repeated:
-            getattr(target, field.name).extend(value)
+            getattr(target, field.name).extend(getattr(source, field.name))
+        elif not source.HasField(field.name):
+            continue
         elif field.type == field.TYPE_MESSAGE:
-            getattr(target, field.name).CopyFrom(value)
+            getattr(target, field.name).CopyFrom(getattr(source, field.name))
         else:
-            setattr(target, field.name, value)
+            setattr(target, field.name, getattr(source, field.name))

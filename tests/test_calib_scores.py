@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from idap_onnx.blocks import find_blocks
+from idap_onnx.blocks import find_blocks, residual_flows
 from idap_onnx.calib.scores import block_divergence, unit_scores
 from idap_onnx.calib.stats import collect, plan_probes
 from idap_onnx.dependency import analyze_model
@@ -62,8 +62,8 @@ def _measure(model):
 
 
 def _pull(model, names, feeds):
-    """The full activations ``names``, from a session with the same settings as ``collect``
-    (graph optimizations off: fused kernels round differently)."""
+    """The full activations ``names``, from a session without graph optimizations (the
+    reference: ``collect``'s fused kernels round differently, far below the tolerances)."""
     pulled = onnx.ModelProto()
     pulled.CopyFrom(model)
     for name in names:
@@ -211,3 +211,25 @@ def test_probing_only_what_idap_reads_gives_the_same_scores(tiny):
         for gid in want:
             np.testing.assert_array_equal(got[gid], want[gid])
     assert block_divergence(lean) == block_divergence(full)
+
+
+def test_a_branch_unit_is_measured_against_the_block_output(tiny):
+    """Units of conv ``a`` feed ``b``, the last conv of the residual branch: the next flow
+    tensor is the block output y = h + b(...), so D_f(c) = sqrt(e_c / E||y||^2)."""
+    graph, _, stats = _measure(tiny)
+    blocks = find_blocks(graph.model, graph.index)
+    (block,) = [b for b in blocks if b.kind == "residual"]
+    b_conv = next(n for n in graph.index.nodes if n.name.endswith("b/Conv"))
+    assert residual_flows(graph.index, blocks) == {b_conv.output[0]: block.output}
+
+    x_b = b_conv.input[0]
+    full = [_pull(tiny, [x_b, block.output], feed) for feed in _batches()]
+    acts = np.concatenate([f[x_b] for f in full]).astype(np.float64)  # [N, 6, H, W]
+    y = np.concatenate([f[block.output] for f in full]).astype(np.float64)
+    w = graph.index.constant(b_conv.input[1]).astype(np.float64)  # [8, 6, 1, 1]
+    positions = y.shape[2] * y.shape[3]
+    var = acts.transpose(1, 0, 2, 3).reshape(6, -1).var(axis=1)
+    want = np.sqrt((w**2).sum(axis=(0, 2, 3)) * var * positions / (y**2).sum(axis=(1, 2, 3)).mean())
+
+    gid = next(g.id for g in graph.groups if any(p.endswith("a/Conv") for p in g.producers))
+    np.testing.assert_allclose(unit_scores(graph, stats, "idap")[gid], want, rtol=1e-5)

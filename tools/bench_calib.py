@@ -6,7 +6,9 @@ For each model and sample count N, every configuration runs the same N synthetic
 
 * ``plain-opt``: an ``InferenceSession`` of the unmodified file with the default graph
   optimizations (what a user deploys);
-* ``plain-noopt``: the same with ``ORT_DISABLE_ALL`` (the level ``calib.stats.collect`` uses);
+* ``plain-noopt``: the same with ``ORT_DISABLE_ALL``;
+* ``plain-ext``: the same with ``ORT_ENABLE_EXTENDED``, the level ``calib.stats.collect`` uses
+  (every fusion, but not the NCHWc layout of ``ORT_ENABLE_ALL``, see ``calib.stats._session``);
 * ``collect``: ``calib.stats.collect`` as ``idap-onnx score`` runs it with the default score
   (probes for ``idap`` only: consumer channels, their output energies, block norms; float32
   reductions within a sample, float64 across; optimizations off), after the one-off analysis
@@ -24,10 +26,11 @@ session file it writes),
 the fastest of ``--repeat`` runs made round robin (other work on a shared machine only ever
 slows a run down);
 memory is the process's peak RSS (``VmHWM``) over that phase, reset (``/proc/self/clear_refs``)
-after the imports, the model load and the analysis, whose own peak is reported apart; the
-"growth" columns subtract the RSS just before the session is created, isolating what the
-session and the runs add (a plain child holds only onnxruntime and numpy; a collect child
-also holds idap_onnx, the model proto and the analysis, as ``idap-onnx score`` does).
+after the imports, the model load and the analysis, whose own peak is reported apart; the "growth"
+columns subtract the RSS just before the call, isolating what the session and the runs add
+(``collect`` first hands memory the analysis freed back to the OS, so its growth understates what it
+adds; compare the peaks) (a plain child holds only onnxruntime and numpy; a collect child also holds
+idap_onnx, the model proto and the analysis, as ``idap-onnx score`` does).
 
 Usage::
 
@@ -59,10 +62,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ = 128
-PLAIN = ("plain-opt", "plain-noopt")
+PLAIN = ("plain-opt", "plain-noopt", "plain-ext")
 COLLECT = ("collect", "collect-all")
 MODES = PLAIN + COLLECT
-MAIN = ("plain-opt", "plain-noopt", "collect")
+MAIN = ("plain-opt", "plain-ext", "collect")
 
 
 # --------------------------------------------------------------------------- child side
@@ -123,6 +126,8 @@ def _child(spec: dict) -> dict:
         opts.log_severity_level = 3
         if mode == "plain-noopt":
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if mode == "plain-ext":
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         started = time.perf_counter()
         session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         created = time.perf_counter()
@@ -343,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cols(runs: list[dict], get, fmt) -> str:
-    """``a / b / c | c/a / c/b`` for the plain-opt, plain-noopt and collect runs."""
+    """``a / b / c | c/a / c/b`` for the plain-opt, plain-ext and collect runs."""
     po, pn, c = (get(r) for r in runs)
     return f"{fmt(po)} / {fmt(pn)} / {fmt(c)} | {c / po:.2f} / {c / pn:.2f}"
 
@@ -352,10 +357,10 @@ def _markdown(results, args, command: str, notes: list[str]) -> str:
     lines = [f"Command: `{command}`", "", f"Machine: {_machine()}", ""]
     lines += [f"Note: {n}" for n in notes] + ([""] if notes else [])
     lines += [
-        "| model | N | wall s: plain opt / opt off / collect | wall ratio vs opt / vs opt off "
-        "| CPU s: plain opt / opt off / collect | CPU ratio vs opt / vs opt off "
-        "| peak RSS MiB: plain opt / opt off / collect | peak ratio vs opt / vs opt off "
-        "| RSS growth MiB: plain opt / opt off / collect | growth ratio vs opt / vs opt off "
+        "| model | N | wall s: plain opt / ext / collect | wall ratio vs opt / vs ext "
+        "| CPU s: plain opt / ext / collect | CPU ratio vs opt / vs ext "
+        "| peak RSS MiB: plain opt / ext / collect | peak ratio vs opt / vs ext "
+        "| RSS growth MiB: plain opt / ext / collect | growth ratio vs opt / vs ext "
         "| analysis s, peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -524,10 +524,14 @@ def render(rows: list[dict], infos: list[dict], meta: dict) -> str:
 
 
 def merge(old: dict, rows: list[dict], infos: list[dict], meta: dict):
-    """``old``'s rows for (model, target) pairs not in ``rows``, then ``rows``; the command
-    of ``old`` then this one."""
-    done = {(r["model"], r["target"]) for r in rows}
-    kept = [r for r in old["rows"] if (r["model"], r["target"]) not in done]
+    """``old``'s rows for the (model, target, score, schedule) runs not in ``rows``, then
+    ``rows``; the command of ``old`` then this one."""
+
+    def key(r: dict) -> tuple:
+        return r["model"], r["target"], r["score"], r.get("schedule", "iterative")
+
+    done = {key(r) for r in rows}
+    kept = [r for r in old["rows"] if key(r) not in done]
     new_models = {i["model"] for i in infos}
     merged_infos = [i for i in old["infos"] if i["model"] not in new_models] + infos
     order = [i["model"] for i in old["infos"]] + [i["model"] for i in infos]
@@ -615,8 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", help="render the rows of an earlier --json, run nothing")
     parser.add_argument(
         "--merge-json",
-        help="an earlier --json whose rows for the (model, target) pairs not run now are kept "
-        "(rerun some targets, keep the rest)",
+        help="an earlier --json whose rows for the (model, target, score, schedule) runs not "
+        "made now are kept (rerun some, keep the rest)",
     )
     args = parser.parse_args(argv)
 
