@@ -24,7 +24,9 @@ Unit scores (lower = removed first), per group, summed over the group's members:
 - ``l1``, ``l2``, ``random``: ``idap_onnx.planner.weight_scores``.
 
 Block score (layer divergence, METHOD.md Sec. 3): ``D_l = E_x ||y - x|| / E_x ||y||``.
-Scores are plain data: group id -> array per unit, block name -> float. No graph is edited.
+Scores are plain data: group id -> array per unit (NaN for a frozen group under the calibrated
+scores: it is never removed, so its tensors are not probed), block name -> float. No graph is
+edited.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def _idap(graph: DependencyGraph, stats: CalibStats, mean_compensation: bool):
         if out_energy <= 0:
             continue
         _accumulate(graph, x, w2 * m2 * positions / out_energy, energy)
-    return {g.id: np.sqrt(energy[gi]) for gi, g in enumerate(graph.groups)}
+    return _unmeasured_frozen(graph, [np.sqrt(e) for e in energy])
 
 
 def _out_channels(node, w: np.ndarray) -> int:
@@ -143,7 +145,15 @@ def _producer_scores(graph: DependencyGraph, stats: CalibStats, kind: str):
             weights = np.repeat(xnorm2, cols) if cols * len(xnorm2) == rows.shape[1] else 1.0
             value = np.sqrt((rows**2 * weights).sum(axis=1))
         _accumulate(graph, y, np.asarray(value, dtype=np.float64), total)
-    return {g.id: total[gi] for gi, g in enumerate(graph.groups)}
+    return _unmeasured_frozen(graph, total)
+
+
+def _unmeasured_frozen(graph: DependencyGraph, per_group: list[np.ndarray]):
+    """Group id -> scores, NaN for frozen groups (never removed, so never probed)."""
+    return {
+        g.id: np.full(g.size, np.nan) if g.frozen else per_group[gi]
+        for gi, g in enumerate(graph.groups)
+    }
 
 
 def block_divergence(stats: CalibStats) -> dict[str, float]:

@@ -119,12 +119,16 @@ def plan_probes(
     index = graph.index
     if "idap" in scores:
         plan.flow = residual_flows(index, find_blocks(graph.model, index))
+    frozen = {gi for gi, g in enumerate(graph.groups) if g.frozen}
     for edit in graph.edits:
         if edit.kind != SLICE or edit.role not in ("producer", "consumer"):
             continue
         node = index.node_by_name[edit.node]
         if WEIGHTED.get(node.op_type) != edit.input:
             continue
+        groups, _ = graph.element_units(edit.tensor)
+        if not set(np.unique(groups[groups >= 0]).tolist()) - frozen:
+            continue  # only frozen groups' channels: never removed, never scored
         lay = graph.layouts[edit.tensor]
         shape = index.shape(edit.tensor)
         if shape is None:

@@ -6,10 +6,13 @@ in eval mode without gradients. Loss per graph output: for logits
 
     tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau))  (+ ce_weight * CE(z_s, y) with labels)
 
-else the MSE to the teacher's output. ``loss="auto"`` takes a 2-D ``[N, C>1]`` float output
-for logits unless its name says embedding (``EMBEDDING_NAMES``) or the teacher's rows are unit
-vectors (a normalized embedding: softmax over its features would be meaningless); ``"kl"`` and
-``"mse"`` force one kind for every 2-D output. AdamW with a cosine schedule; the best state on the
+else the MSE to the teacher's output; with ``feature_weight`` w > 0, plus
+``w * mean_l ||h_l^s - h_l^t||^2 / ||h_l^t||^2`` over the residual sums h_l the two graphs
+share with equal shapes (METHOD.md's optional feature terms at group boundaries).
+``loss="auto"`` takes a 2-D ``[N, C>1]`` float output for logits unless its name says
+embedding (``EMBEDDING_NAMES``) or the teacher's rows are unit vectors (a normalized
+embedding: softmax over its features would be meaningless); ``"kl"`` and ``"mse"`` force one
+kind for every 2-D output. AdamW with a cosine schedule; the best state on the
 validation part (top-1 with validation labels, else the negative distillation loss to the
 teacher) is kept, with early stopping after ``patience`` epochs without improvement.
 BatchNormalization running statistics (when the graph still has BN nodes) are re-estimated on
@@ -50,7 +53,8 @@ class FinetuneConfig:
     ``patience``: epochs without a better validation metric before stopping (needs ``val``);
     ``device``: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; ``threads``: torch
     intra-op threads on CPU (1 is fastest for small convolutions); ``loss``: how 2-D outputs
-    are distilled, ``auto``, ``kl`` or ``mse`` (module docstring).
+    are distilled, ``auto``, ``kl`` or ``mse`` (module docstring); ``feature_weight``: weight
+    of the feature term on the residual sums (0: off; module docstring).
     """
 
     epochs: int = 3
@@ -66,6 +70,7 @@ class FinetuneConfig:
     device: str = "auto"
     threads: int = 1
     loss: str = "auto"
+    feature_weight: float = 0.0
 
     def check(self) -> None:
         if self.epochs < 0:
@@ -84,6 +89,8 @@ class FinetuneConfig:
             raise UsageError(f"finetune ce_weight {self.ce_weight} must be >= 0")
         if self.patience < 1:
             raise UsageError(f"finetune patience {self.patience} must be >= 1")
+        if self.feature_weight < 0:
+            raise UsageError(f"finetune feature_weight {self.feature_weight} must be >= 0")
         if self.loss not in LOSSES:
             raise UsageError(f"finetune loss '{self.loss}': choose one of {', '.join(LOSSES)}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -314,6 +321,11 @@ def finetune(
             t_mod.to(device).eval()
             for p in t_mod.parameters():
                 p.requires_grad_(False)
+            if config.feature_weight > 0:
+                shapes = {k: [1, *np.shape(v)] for k, v in data[0].items()}
+                taps = residual_sums(student, shapes) & residual_sums(teacher, shapes)
+                s_mod.tap(taps)
+                t_mod.tap(taps)
             result = _train(s_mod, t_mod, data, labels, val, val_labels, config, device, progress)
             s_mod.to("cpu").eval()
             model = write_back(s_mod, student)
@@ -401,6 +413,8 @@ def _train(s_mod, t_mod, data, labels, val, val_labels, config, device, progress
                 t_out = teacher_out(feeds)
                 s_out = _as_tuple(s_mod(feeds))
                 loss = _distill(s_out, t_out, y, config, outputs)
+                if config.feature_weight > 0:
+                    loss = loss + config.feature_weight * _features(s_mod.taps, t_mod.taps)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -429,6 +443,30 @@ def _train(s_mod, t_mod, data, labels, val, val_labels, config, device, progress
     return FinetuneResult(
         model=None, history=history, best_epoch=best_epoch, val_metric_name=metric_name
     )
+
+
+def residual_sums(model: onnx.ModelProto, input_shapes=None) -> set[str]:
+    """The outputs of the model's residual blocks (``y = x + f(x)``, ``blocks.find_blocks``):
+    the flow tensors between blocks. Node outputs keep their names when idap-onnx prunes, so
+    the student's and the teacher's match by name."""
+    from idap_onnx.blocks import find_blocks
+    from idap_onnx.dependency import analyze_model
+
+    graph = analyze_model(model, input_shapes)
+    return {b.output for b in find_blocks(graph.model, graph.index) if b.kind == "residual"}
+
+
+def _features(student: dict, teacher: dict):
+    """Mean over the shared taps of ``||s - t||^2 / ||t||^2`` (relative, so every layer
+    counts alike); taps whose shapes differ (a pruned residual stream) are skipped."""
+    terms = [
+        (s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
+        for k, s in student.items()
+        if (t := teacher.get(k)) is not None and s.shape == t.shape
+    ]
+    if not terms:
+        return 0.0
+    return sum(terms) / len(terms)
 
 
 def _check_written(model: onnx.ModelProto, module, samples, names, n: int = 8) -> None:

@@ -327,3 +327,5 @@ def test_auto_loss_tells_logits_from_embeddings():
     assert not _is_logits(torch.randn(4, 3, 8, 8, generator=gen), "auto", "map")
     with pytest.raises(UsageError, match="finetune loss"):
         FinetuneConfig(loss="cosine").check()
+    with pytest.raises(UsageError, match="feature_weight"):
+        FinetuneConfig(feature_weight=-1.0).check()

@@ -1007,3 +1007,27 @@ def test_cuda_matches_cpu(name, zoo_models):
     out = out if isinstance(out, torch.Tensor) else out[0]
     out.float().sum().backward()
     assert all(p.grad is not None for p in module.parameters())
+
+
+def test_taps_expose_the_residual_sums_as_onnx_runtime_computes_them(zoo_models):
+    """``tap`` keeps intermediate tensors (the feature term of fine-tuning reads them): each
+    residual sum of BERT equals ONNX Runtime's value of that tensor."""
+    from idap_onnx.finetune import _features, residual_sums
+
+    model, feeds = zoo_models("bert_tiny")
+    sums = residual_sums(model, {k: [1, *v.shape[1:]] for k, v in feeds.items()})
+    assert len(sums) == 4  # attention and MLP residual sums of both layers
+    module = OnnxModule(model)
+    module.tap(sums)
+    _run(module, feeds)
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in sorted(sums))
+    want = _ort(exposed, feeds)[len(model.graph.output):]
+    for name, value in zip(sorted(sums), want, strict=True):
+        got = module.taps[name].detach().numpy()
+        assert np.linalg.norm(got - value) / np.linalg.norm(value) < REL_TOL
+    assert float(_features(module.taps, module.taps)) == 0.0
+    other = {k: v + 1.0 for k, v in module.taps.items()}
+    assert float(_features(module.taps, other)) > 0.0

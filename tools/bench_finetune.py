@@ -137,7 +137,7 @@ def _rows(arrays: dict, size: int | None = None) -> list[dict]:
     return [{k: v[i : i + size] for k, v in arrays.items()} for i in range(0, n, size)]
 
 
-def minilm(epochs: int, lr: float, calib_n: int) -> None:
+def minilm(epochs: int, lr: float, calib_n: int, feature_weight: float) -> None:
     import minilm as minilm_tool
     import numpy as np
 
@@ -157,7 +157,8 @@ def minilm(epochs: int, lr: float, calib_n: int) -> None:
     t0 = time.perf_counter()
     pruned = optimize(model, calib, val_ev, cfg, input_shapes={k: [1, seq] for k in arrays["val"]})
     prune_s = time.perf_counter() - t0
-    ft_cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=16, patience=epochs, threads=2)
+    ft_cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=16, patience=epochs, threads=2,
+                            feature_weight=feature_weight)
     ft = finetune(pruned.model, model, _rows(arrays["calib"]), val=_rows(arrays["val"]),
                   config=ft_cfg, progress=True)
     macs = pruned.final["macs"] / pruned.original["macs"]
@@ -167,7 +168,8 @@ def minilm(epochs: int, lr: float, calib_n: int) -> None:
           f"{calib_n} calibration sentences), sequence {seq}")
     print(f"test cosine to the original: pruned {before.metric:.4f}, fine-tuned "
           f"{after.metric:.4f} ({epochs} epochs max, lr {lr:g}, best epoch {ft.best_epoch}, "
-          f"{ft.seconds:.0f} s, {len(arrays['calib']['input_ids'])} unlabelled sentences)")
+          f"{ft.seconds:.0f} s, {len(arrays['calib']['input_ids'])} unlabelled sentences, "
+          f"feature weight {feature_weight:g})")
     for h in ft.history:
         print(f"  epoch {h['epoch']}: train loss {h['loss']}, val metric {h['val_metric']}")
 
@@ -178,11 +180,13 @@ def main() -> None:
                     choices=["digits", "minilm"])
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--minilm-lr", type=float, default=1e-4)
+    ap.add_argument("--minilm-feature-weight", type=float, default=0.0,
+                    help="weight of the residual-sum feature term (FinetuneConfig)")
     ap.add_argument("--minilm-calib", type=int, default=128,
                     help="calibration sentences for the pruning (of 512)")
     args = ap.parse_args()
     if "minilm" in args.models:
-        minilm(args.epochs, args.minilm_lr, args.minilm_calib)
+        minilm(args.epochs, args.minilm_lr, args.minilm_calib, args.minilm_feature_weight)
     if "digits" not in args.models:
         return
     torch.set_num_threads(1)

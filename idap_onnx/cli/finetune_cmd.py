@@ -83,6 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how 2-D outputs are distilled: kl (logits), mse, or auto: kl unless the "
         "original's rows are unit vectors (a normalized embedding)",
     )
+    train.add_argument(
+        "--feature-weight",
+        metavar="W",
+        type=float,
+        default=0.0,
+        help="weight of a feature term on the residual sums the pruned model shares with the "
+        "original (relative MSE per layer; 0 = off)",
+    )
     train.add_argument("--seed", metavar="S", type=int, default=0, help="seed (0)")
     train.add_argument(
         "--device",
@@ -119,6 +127,7 @@ def run(args: argparse.Namespace) -> None:
         device=args.device,
         threads=args.threads,
         loss=args.loss,
+        feature_weight=args.feature_weight,
     )
     config.check()
     student = load_model(args.model)

@@ -239,6 +239,10 @@ class OnnxModule(torch.nn.Module):
                         prepared.const[i] = numpy_helper.to_array(t)
             self._nodes.append(prepared)
 
+        #: Intermediate tensors to keep from each forward (``tap``), by ONNX name.
+        self._tap: frozenset[str] = frozenset()
+        self.taps: dict[str, torch.Tensor] = {}
+
         # Free every intermediate tensor after its last use.
         keep = set(self.output_names)
         last: dict[str, int] = {}
@@ -295,8 +299,14 @@ class OnnxModule(torch.nn.Module):
             out[name] = value.to(device)  # no-op when already there
         return out
 
+    def tap(self, names) -> None:
+        """Keep these intermediate tensors of every later forward in ``self.taps`` (for
+        feature distillation); an empty list stops it."""
+        self._tap = frozenset(names)
+
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
         feeds = self._feeds(args, kwargs)
+        self.taps = {}
         env: dict[str, torch.Tensor] = {}
         bn: dict[str, torch.Tensor] = {}
         for onnx_name, attr in self._tensor_attr.items():
@@ -322,6 +332,8 @@ class OnnxModule(torch.nn.Module):
                 for name, value in zip(node.outputs, result, strict=False):
                     if name:
                         env[name] = value
+            if self._tap:
+                self.taps.update((n, env[n]) for n in node.outputs if n in self._tap)
             for name in free:
                 env.pop(name, None)
         outs = tuple(env[name] for name in self.output_names)
