@@ -255,8 +255,15 @@ def _fastest(old: dict | None, new: dict) -> dict:
 
 
 def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
-    scale = max(float(np.abs(b).max()), 1e-30)
-    return float(np.abs(a - b).max() / scale)
+    """Largest |a - b| relative to the largest |b|, over the finite entries (frozen groups
+    score NaN: not probed); NaN where the two disagree on which entries are finite."""
+    fa, fb = np.isfinite(a), np.isfinite(b)
+    if not np.array_equal(fa, fb):
+        return float("nan")
+    if not fb.any():
+        return 0.0
+    scale = max(float(np.abs(b[fb]).max()), 1e-30)
+    return float(np.abs(a[fb] - b[fb]).max() / scale)
 
 
 def _growth(r: dict) -> int:
