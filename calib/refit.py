@@ -41,8 +41,10 @@ is not a sequence is materialized into a list (the inputs only) to count the bat
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -50,6 +52,7 @@ import onnxruntime as ort
 
 from idap_onnx.calib.stats import providers
 from idap_onnx.graph import GraphIndex, attr
+from idap_onnx.model_io import write_variant
 from idap_onnx.passes.cleanup import finalize
 from idap_onnx.passes.compensate import Params, bias_add, insert_bias_add
 
@@ -255,16 +258,17 @@ def _plan(
 
 
 def _session(model: onnx.ModelProto, names: list[str], device: str) -> ort.InferenceSession:
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    have = {o.name for o in exposed.graph.output}
-    for name in dict.fromkeys(names):
-        if name not in have:
-            exposed.graph.output.append(onnx.ValueInfoProto(name=name))
+    """A session whose outputs add ``names``, built from a temporary file that streams the
+    weights (``model_io.write_variant``): no in-memory copy of the model."""
+    have = {o.name for o in model.graph.output}
+    extra = [name for name in dict.fromkeys(names) if name not in have]
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
-    return ort.InferenceSession(exposed.SerializeToString(), opts, providers=providers(device))
+    with tempfile.TemporaryDirectory(prefix="idap-refit-") as tmp:
+        path = write_variant(model, Path(tmp) / "refit.onnx", nodes=model.graph.node,
+                             outputs=extra)
+        return ort.InferenceSession(str(path), opts, providers=providers(device))
 
 
 def _rows(lay: _Layer, a: np.ndarray, is_input: bool) -> np.ndarray:
