@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "kl", "mse"),
         default="auto",
         help="how 2-D outputs are distilled: kl (logits), mse, or auto: kl unless the "
-        "original's rows are unit vectors (a normalized embedding)",
+        "output's name says embed/feature/hidden/pool or the original's rows are unit "
+        "vectors (an embedding: mse)",
     )
     train.add_argument(
         "--feature-weight",
