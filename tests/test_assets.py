@@ -6,12 +6,11 @@ builds the digits asset again into a temp folder and compares it with the cached
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tools_loader import load_tool
 
 from idap_onnx.metrics import Evaluator, cosine
 
@@ -19,22 +18,8 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 ort = pytest.importorskip("onnxruntime")
 
-_TOOLS = Path(__file__).resolve().parent.parent / "tools"
-
-
-def _load_tool(name: str):
-    mod_name = f"idap_tools_{name}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name, _TOOLS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = mod  # dataclasses resolve the module through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
-digits = _load_tool("digits")
-minilm = _load_tool("minilm")
+digits = load_tool("digits")
+minilm = load_tool("minilm")
 
 
 def _session(path: Path):

@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from tools_loader import load_tool
 from torch import nn
 
 from idap_onnx.blocks import find_blocks, residual_flows
@@ -166,22 +167,8 @@ def test_a_constant_unit_is_free_only_with_mean_compensation(tiny):
     assert unit_scores(graph, stats, "idap", mean_compensation=False)[gid][3] > 0.0
 
 
-def _load_zoo():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    if "idap_zoo" not in sys.modules:
-        path = Path(__file__).resolve().parent.parent / "tools" / "zoo.py"
-        spec = importlib.util.spec_from_file_location("idap_zoo", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["idap_zoo"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["idap_zoo"]
-
-
 def test_in_graph_statistics_equal_numpy_on_a_transformer():
-    zoo = _load_zoo()
+    zoo = load_tool("zoo")
     model = load_model(zoo.build("bert_tiny"))
     feeds = [zoo.make_inputs("bert_tiny", seed=s) for s in range(3)]
     shapes = {k: list(v.shape) for k, v in feeds[0].items()}

@@ -26,7 +26,7 @@ from idap_onnx.model_io import load_model, save_model  # noqa: E402
 from idap_onnx.optimize import OptimizeConfig, optimize  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_optimize import _tool  # noqa: E402
+from tools_loader import load_tool  # noqa: E402
 
 
 def _acc(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
@@ -38,7 +38,7 @@ def _acc(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def digits():
-    return _tool("digits").build()
+    return load_tool("digits").build()
 
 
 @pytest.fixture(scope="module")

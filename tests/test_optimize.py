@@ -4,33 +4,18 @@ ranks blocks by ascending layer divergence, and runs are deterministic."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from tools_loader import load_tool
 
 from idap_onnx.metrics import Evaluator
 from idap_onnx.optimize import OptimizeConfig
 from idap_onnx.optimize_api import prepare, run_optimize, write_outputs
 
-_TOOLS = Path(__file__).resolve().parent.parent / "tools"
-
-
-def _tool(name: str):
-    key = f"idap_tool_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, _TOOLS / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[key] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[key]
-
 
 @pytest.fixture(scope="module")
 def digits():
-    return _tool("digits").build()
+    return load_tool("digits").build()
 
 
 def _samples(x: np.ndarray) -> list[dict[str, np.ndarray]]:

@@ -17,12 +17,12 @@ import pytest
 from idap_onnx.cli.main import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_optimize import _tool  # noqa: E402
+from tools_loader import load_tool  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def digits_dir() -> Path:
-    return _tool("digits").build().model_path.parent
+    return load_tool("digits").build().model_path.parent
 
 
 def _base(d: Path) -> list[str]:

@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from tools_loader import load_tool
 
 from idap_onnx.calib.data import load_data, split
 from idap_onnx.calib.scores import UNIT_SCORES
@@ -27,19 +26,9 @@ from idap_onnx.score_api import DEVICES, score
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
-_ZOO_PY = Path(__file__).resolve().parent.parent / "tools" / "zoo.py"
 CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 PROVIDER = "CUDAExecutionProvider" if CUDA else "CPUExecutionProvider"
 N = 20  # samples in the .npz
-
-
-def _load_zoo():
-    if "idap_zoo" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("idap_zoo", _ZOO_PY)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["idap_zoo"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["idap_zoo"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +60,7 @@ def npz(tmp_path_factory, images) -> Path:
 
 @pytest.fixture(scope="module")
 def bert() -> Path:
-    return _load_zoo().build("bert_tiny")
+    return load_tool("zoo").build("bert_tiny")
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,6 @@ float64 evaluation of the graph, while the torch module stays within 2e-6 of it.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -20,24 +16,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 
+from tools_loader import load_tool  # noqa: E402
+
 from idap_onnx.errors import UnsupportedModelError  # noqa: E402
 from idap_onnx.model_io import load_model  # noqa: E402
 from idap_onnx.torch_graph import OnnxModule, unsupported_ops, write_back  # noqa: E402
 
-_ZOO_PY = Path(__file__).resolve().parent.parent / "tools" / "zoo.py"
 REL_TOL = 1e-5
 
 
-def _load_zoo():
-    if "idap_zoo" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("idap_zoo", _ZOO_PY)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["idap_zoo"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["idap_zoo"]
-
-
-zoo = _load_zoo()
+zoo = load_tool("zoo")
 LIGHT = [name for name, entry in zoo.ZOO.items() if entry.light]
 #: Light entries the executor declines (none today); each must be reported by unsupported_ops.
 DECLINED: dict[str, list[str]] = {}

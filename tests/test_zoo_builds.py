@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from tools_loader import load_tool
 
-_ZOO_PY = Path(__file__).resolve().parent.parent / "tools" / "zoo.py"
-
-
-def _load_zoo():
-    if "idap_zoo" in sys.modules:
-        return sys.modules["idap_zoo"]
-    spec = importlib.util.spec_from_file_location("idap_zoo", _ZOO_PY)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["idap_zoo"] = mod  # dataclasses resolve the module through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
-zoo = _load_zoo()
+zoo = load_tool("zoo")
 LIGHT = [name for name, entry in zoo.ZOO.items() if entry.light]
 
 

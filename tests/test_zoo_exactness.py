@@ -9,28 +9,13 @@ residual blocks must equal the model with that branch forced to zero
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from tools_loader import load_tool
 
 from idap_onnx.model_io import load_model
 from idap_onnx.selfcheck import self_check
 
-_ZOO_PY = Path(__file__).resolve().parent.parent / "tools" / "zoo.py"
-
-
-def _load_zoo():
-    if "idap_zoo" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("idap_zoo", _ZOO_PY)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["idap_zoo"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["idap_zoo"]
-
-
-zoo = _load_zoo()
+zoo = load_tool("zoo")
 LIGHT = [name for name, entry in zoo.ZOO.items() if entry.light]
 
 
