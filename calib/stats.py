@@ -214,7 +214,9 @@ def augment(model: onnx.ModelProto, plan: ProbePlan) -> tuple[list[onnx.NodeProt
 
     Per channel probe on T (channel axis a): ``sum`` and ``sumsq`` over every other axis and
     ``Size(T)``; per energy probe on Y: ``sum(Y**2)``; per ReLU-norm probe:
-    ``sum_b ||ReLU(T[b, c])||_2``; per block: ``sum_b ||y_b - x_b||`` and ``sum_b ||y_b||``.
+    ``sum_b ||ReLU(T[b, c])||_2``; per block: ``sum_b ||y_b - x_b||`` (for a residual block
+    ``y - x`` is its branch ``f(x)``, read directly) and ``sum_b ||y_b||``. A block output
+    that is also an energy's flow tensor is squared once.
     """
     opset = next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
     b = _Builder(opset)
@@ -223,27 +225,35 @@ def augment(model: onnx.ModelProto, plan: ProbePlan) -> tuple[list[onnx.NodeProt
         for op, key in (("ReduceSum", "sum"), ("ReduceSumSquare", "sumsq")):
             outputs.append(b.total(op, t, p.shape, {p.axis}, f"idap::{key}::{t}"))
         outputs.append(b.node("Size", [t], f"idap::size::{t}"))
-    for y in sorted(plan.energies):
-        outputs.append(b.total("ReduceSumSquare", y, plan.energies[y], set(),
-                               f"idap::energy::{y}"))
     for t, p in plan.relu_norms.items():
         relu = b.node("Relu", [t], f"idap::relu::{t}")
         sq = b.total("ReduceSumSquare", relu, p.shape, {0, p.axis}, f"idap::relusq::{t}")
         norm = b.node("Sqrt", [sq], f"idap::relunorm_b::{t}")
         outputs.append(b.reduce("ReduceSum", norm, [0], f"idap::relunorm::{t}"))
+    per_sample_sq: dict[str, str] = {}  # block output -> its per-sample sums of squares
     for bname, block in plan.blocks.items():
-        diff = b.node("Sub", [block.output, block.input], f"idap::diff::{bname}")
+        # y - x of a residual block is its branch f(x): no Sub, and no rounding of y - x
+        diff = (block.branch if block.kind == "residual"
+                else b.node("Sub", [block.output, block.input], f"idap::diff::{bname}"))
         shape = plan.block_shape[bname]
         per_sample = plan.batch_axis[bname] is not None and len(shape) > 0
         for src, key in ((diff, "bdiff"), (block.output, "bout")):
             name = f"idap::{key}::{bname}"
-            sq = b.total("ReduceSumSquare", src, shape, {0} if per_sample else set(),
-                         f"{name}::sq")
             if per_sample:
-                norms = b.node("Sqrt", [sq], f"{name}::norms")
+                if src not in per_sample_sq:
+                    per_sample_sq[src] = b.total("ReduceSumSquare", src, shape, {0},
+                                                 f"{name}::sq")
+                norms = b.node("Sqrt", [per_sample_sq[src]], f"{name}::norms")
                 outputs.append(b.reduce("ReduceSum", norms, [0], name))
             else:
+                sq = b.total("ReduceSumSquare", src, shape, set(), f"{name}::sq")
                 outputs.append(b.node("Sqrt", [sq], name))
+    for y in sorted(plan.energies):
+        name = f"idap::energy::{y}"
+        if y in per_sample_sq:  # a block output: its per-sample squares are there already
+            outputs.append(b.reduce("ReduceSum", per_sample_sq[y], [0], name))
+        else:
+            outputs.append(b.total("ReduceSumSquare", y, plan.energies[y], set(), name))
     consts = {i.name for i in b.inits}
     return _interleave(model.graph, b.nodes, consts), b.inits, outputs
 
@@ -331,12 +341,15 @@ def _session(model: onnx.ModelProto, plan: ProbePlan, device: str):
     a fusion never removes a tensor another node reads, so every probed name survives, and
     the probes' own outputs are graph outputs (the layout level, ``ORT_ENABLE_ALL``, would
     convert convolutions to NCHWc and reorder every probed tensor back: 3x the memory).
-    Priority-based order runs each probe right after its producer (see ``_interleave``)."""
+    Priority-based order runs each probe right after its producer (see ``_interleave``).
+    The memory pattern (one block planned for all of a run's activations) is off: with the
+    probes' many small outputs it costs ~100 MiB on ResNet-50 (``tools/bench_calib.py``)."""
     _trim_heap()
     nodes, inits, names = augment(model, plan)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    opts.enable_mem_pattern = False
     opts.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="idap-calib-") as tmp:
         path = write_variant(model, Path(tmp) / "calib.onnx", nodes=nodes, initializers=inits,

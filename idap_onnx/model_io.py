@@ -491,9 +491,11 @@ def write_variant(
     nodes: Iterable[onnx.NodeProto],
     initializers: Iterable[onnx.TensorProto] = (),
     outputs: Iterable[str] = (),
+    inputs: Iterable[onnx.ValueInfoProto] | None = None,
 ) -> pathlib.Path:
     """Writes ``model`` with its main graph's node list replaced by ``nodes`` and the given
-    ``initializers`` and ``outputs`` added, for an ONNX Runtime session to load from ``path``.
+    ``initializers`` and ``outputs`` added (and its graph inputs replaced by ``inputs`` when
+    given), for an ONNX Runtime session to load from ``path``.
 
     The weights are streamed one tensor at a time into ``<path>.data`` (external data, offsets
     aligned for mmap), so peak memory stays the model plus one tensor: no copy of the model,
@@ -504,7 +506,10 @@ def write_variant(
     location = f"{destination.name}.data"
     head = onnx.ModelProto()
     _copy_fields(model, head, skip=("graph",))
-    _copy_fields(model.graph, head.graph, skip=("node", "initializer"))
+    skip = ("node", "initializer") + (() if inputs is None else ("input",))
+    _copy_fields(model.graph, head.graph, skip=skip)
+    if inputs is not None:
+        head.graph.input.extend(inputs)
     head.graph.node.extend(nodes)
     with open(destination.parent / location, "wb") as data:
         for tensor in model.graph.initializer:

@@ -13,13 +13,15 @@ dims are known, the contents of large tensors are not), and the tensors' bytes a
 from __future__ import annotations
 
 import logging
+import pathlib
+import tempfile
 from collections.abc import Mapping, Sequence
 
 import onnx
 from onnx import external_data_helper
 
 from idap_onnx.errors import UsageError
-from idap_onnx.model_io import EXTERNAL_DATA_THRESHOLD, iter_tensors
+from idap_onnx.model_io import EXTERNAL_DATA_THRESHOLD, iter_tensors, write_variant
 
 __all__ = ["infer_shapes", "parse_input_shapes", "tensor_dtypes", "tensor_shapes"]
 
@@ -316,20 +318,20 @@ def probe_shapes(
 
     Float inputs get N(0, 1) values of ``input_shapes``, integer inputs zeros (ones for names
     containing ``mask``). Used for the few shapes static inference and folding leave unknown
-    (attention masks built with Range/Expand); returns {} when the model cannot run.
+    (attention masks built with Range/Expand); returns {} when the model cannot run. The
+    session loads a temporary file whose weights are external data
+    (``model_io.write_variant``), so no copy of the model is made in memory.
     """
     import numpy as np
     import onnxruntime as ort
 
     if not names:
         return {}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    _override_input_shapes(probe.graph, input_shapes)
-    outputs = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in outputs:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    inputs = onnx.GraphProto()
+    inputs.input.extend(model.graph.input)
+    _override_input_shapes(inputs, input_shapes)
+    outputs = {o.name for o in model.graph.output}
+    extra = [name for name in names if name not in outputs]
     rng = np.random.default_rng(0)
     inits = {t.name for t in model.graph.initializer}
     feeds = {}
@@ -347,9 +349,10 @@ def probe_shapes(
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(
-            probe.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-        )
+        with tempfile.TemporaryDirectory(prefix="idap-shapes-") as tmp:
+            path = write_variant(model, pathlib.Path(tmp) / "probe.onnx", nodes=model.graph.node,
+                                 outputs=extra, inputs=inputs.input)
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         out_names = [o.name for o in sess.get_outputs()]
         values = sess.run(None, feeds)
     except Exception:  # a best effort: the shapes stay unknown

@@ -220,3 +220,21 @@ def test_a_branch_unit_is_measured_against_the_block_output(tiny):
 
     gid = next(g.id for g in graph.groups if any(p.endswith("a/Conv") for p in g.producers))
     np.testing.assert_allclose(unit_scores(graph, stats, "idap")[gid], want, rtol=1e-5)
+
+
+def test_layer_divergence_equals_numpy_on_full_activations(tiny):
+    """D_l = sum_b ||y_b - x_b|| / sum_b ||y_b||. For a residual block the graph measures
+    y - x as its branch f(x) (no Sub); that equals numpy's float64 y - x on the pulled
+    activations."""
+    _, plan, stats = _measure(tiny)
+    assert [b.kind for b in plan.blocks.values()] == ["residual"]
+    d_l = block_divergence(stats)
+    for name, block in plan.blocks.items():
+        full = [_pull(tiny, [block.input, block.output], feed) for feed in _batches()]
+
+        def norms(a: np.ndarray) -> float:
+            return float(np.linalg.norm(a.reshape(len(a), -1), axis=1).sum())
+
+        diff = sum(norms(f[block.output].astype(np.float64) - f[block.input]) for f in full)
+        out = sum(norms(f[block.output].astype(np.float64)) for f in full)
+        assert d_l[name] == pytest.approx(diff / out, rel=1e-6)

@@ -26,11 +26,12 @@ session file it writes),
 the fastest of ``--repeat`` runs made round robin (other work on a shared machine only ever
 slows a run down);
 memory is the process's peak RSS (``VmHWM``) over that phase, reset (``/proc/self/clear_refs``)
-after the imports, the model load and the analysis, whose own peak is reported apart; the "growth"
-columns subtract the RSS just before the call, isolating what the session and the runs add
-(``collect`` first hands memory the analysis freed back to the OS, so its growth understates what it
-adds; compare the peaks) (a plain child holds only onnxruntime and numpy; a collect child also holds
-idap_onnx, the model proto and the analysis, as ``idap-onnx score`` does).
+after the imports, the model load and the analysis, whose own peak is reported apart (the
+collect child first hands the heap the analysis freed back to the OS, as ``collect`` itself
+does before building its session); the "growth" columns subtract the RSS just before the
+call, isolating what the session and the runs add (a plain child holds only onnxruntime and
+numpy; a collect child also holds idap_onnx, the model proto and the analysis, as
+``idap-onnx score`` does).
 
 Usage::
 
@@ -151,7 +152,7 @@ def _child(spec: dict) -> dict:
                                      scores=scores_probed)
         result["analysis_s"] = time.perf_counter() - started
         result["analysis_peak_kib"] = _status()["VmHWM"]
-        gc.collect()
+        stats_mod._trim_heap()  # what the analysis freed goes back to the OS, as collect does
         _reset_peak()
         base = _status()["VmRSS"]
         cpu = _cpu()
