@@ -111,6 +111,19 @@ def test_digits_deterministic(digits_asset, tmp_path):
     assert digits.build(tmp_path / "again").model_path.stat().st_mtime_ns == mtime
 
 
+def test_another_digits_seed_gives_another_split_of_the_same_images():
+    """``seed`` re-draws the split (benchmarks repeat a comparison over trained models):
+    same sizes, same class balance, the same 1797 images, different members."""
+    a, b = digits.load_splits(0), digits.load_splits(1)
+    for split in digits.SPLITS:
+        assert a[split][0].shape == b[split][0].shape
+        assert np.array_equal(np.bincount(a[split][1]), np.bincount(b[split][1]))
+    assert not np.array_equal(a["test"][0], b["test"][0])
+    every = np.sort(np.concatenate([a[s][0] for s in digits.SPLITS]).reshape(1797, -1), axis=0)
+    again = np.sort(np.concatenate([b[s][0] for s in digits.SPLITS]).reshape(1797, -1), axis=0)
+    assert np.array_equal(every, again)
+
+
 # --------------------------------------------------------------------------------- MiniLM
 
 

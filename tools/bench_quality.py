@@ -106,12 +106,13 @@ def _short(name: str) -> str:
     return "/".join(parts[-2:-1]) or name
 
 
-def digits_task(batch: int) -> Task:
+def digits_task(batch: int, seed: int = 0) -> Task:
+    """The digits CNN trained with ``seed`` (split and training; 0 is the cached default)."""
     import onnx
 
     from tools.digits import INPUT_NAME, build
 
-    asset = build()
+    asset = build(seed=seed)
     (x_tr, _), (x_va, y_va), (x_te, y_te) = asset.train, asset.val, asset.test
 
     def kept(widths: dict) -> str:
@@ -122,7 +123,7 @@ def digits_task(batch: int) -> Task:
         )
 
     return Task(
-        name="digits",
+        name="digits" if seed == 0 else f"digits (model seed {seed})",
         model=onnx.load(asset.model_path),
         calib=_batches({INPUT_NAME: x_tr}, batch),
         val=_batches({INPUT_NAME: x_va}, batch),
@@ -332,6 +333,46 @@ def sweep_steps(task: Task, targets, scores, seeds, steps_list, log) -> str:
                 log(f"{task.name} {target} {score} T={t}: {cells[-1]}")
             lines.append(f"| {100 * target:.0f} % | `{score}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def model_seeds(targets, scores, seeds, model_seeds, batch: int, p0: float, log) -> str:
+    """Diagnostic: the digits comparison (MC on, the benchmark's schedule) repeated on CNNs
+    trained with each of ``model_seeds`` (each its own split and initialization); a markdown
+    table per target of the test metric per trained model, the mean, and ``idap``'s lead over
+    each score's mean. One trained model's test split has 360 images (1 image = 0.28
+    points), so a single model cannot separate scores closer than that."""
+    from idap_onnx.metrics import Evaluator
+
+    tests: dict[tuple[float, str], list[float]] = {}
+    originals = []
+    for ms in model_seeds:
+        task = digits_task(batch, ms)
+        val_ev = Evaluator(task.model, task.val, labels=task.val_labels, metric=task.metric)
+        test_ev = Evaluator(task.model, task.test, labels=task.test_labels, metric=task.metric)
+        originals.append(test_ev.original_metric)
+        for target in targets:
+            for score in scores:
+                runs = [run_variant(task, target, score, True, seed, p0, (val_ev, test_ev), log)
+                        for seed in (seeds if score == "random" else (0,))]
+                tests.setdefault((target, score), []).append(
+                    float(np.mean([r["test"] for r in runs])))
+                log(f"model seed {ms} target {target} {score}: test {tests[target, score][-1]:.4f}")
+    head = " | ".join(f"seed {ms}" for ms in model_seeds)
+    lines = ["Original test top-1 per model seed: "
+             + ", ".join(f"{100 * o:.2f}" for o in originals), ""]
+    for target in targets:
+        lines += [f"MACs target {100 * target:g} % kept (test top-1 %, MC on; random: mean of "
+                  f"{len(seeds)} seeds):", "",
+                  f"| score | {head} | mean | idap lead (mean) |",
+                  "|---|" + "---|" * (len(model_seeds) + 2)]
+        idap = np.mean(tests.get((target, "idap"), [np.nan]))
+        for score in scores:
+            vals = tests[target, score]
+            lead = "" if score == "idap" else f"{100 * (idap - np.mean(vals)):+.2f}"
+            lines.append(f"| `{score}` | " + " | ".join(f"{100 * v:.2f}" for v in vals)
+                         + f" | {100 * np.mean(vals):.2f} | {lead} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _sweep_p0(steps: int) -> float:
@@ -604,6 +645,14 @@ def main(argv: list[str] | None = None) -> int:
         help="diagnostic instead of the benchmark: rerun --scores (MC on) with these step "
         "counts T and print a table to stdout (never written to --out)",
     )
+    parser.add_argument(
+        "--model-seeds",
+        nargs="+",
+        type=int,
+        metavar="S",
+        help="diagnostic instead of the benchmark: repeat the digits comparison (--scores, "
+        "MC on) on CNNs trained with these seeds and print a table to stdout",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument(
         "--minilm-calib", type=int, default=128, help="MiniLM calibration sentences (of 512)"
@@ -639,6 +688,10 @@ def main(argv: list[str] | None = None) -> int:
                     make_task(name), args.targets, args.scores, args.seeds, args.sweep_steps, log
                 )
             )
+        return 0
+    if args.model_seeds:
+        print(model_seeds(args.targets, args.scores, args.seeds, args.model_seeds, args.batch,
+                          DEFAULT_P0["digits"], log))
         return 0
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())

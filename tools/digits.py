@@ -107,8 +107,8 @@ class DigitsAsset:
 # ---------------------------------------------------------------------------------------- data
 
 
-def load_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The digits split 60/20/20 (stratified, seed 0): ``{"train"|"val"|"test": (x, y)}``."""
+def load_splits(seed: int = SEED) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The digits split 60/20/20 (stratified, ``seed``): ``{"train"|"val"|"test": (x, y)}``."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -116,10 +116,10 @@ def load_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     x = (data.images.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
     y = data.target.astype(np.int64)
     x_train, x_rest, y_train, y_rest = train_test_split(
-        x, y, test_size=0.4, stratify=y, random_state=SEED
+        x, y, test_size=0.4, stratify=y, random_state=seed
     )
     x_val, x_test, y_val, y_test = train_test_split(
-        x_rest, y_rest, test_size=0.5, stratify=y_rest, random_state=SEED
+        x_rest, y_rest, test_size=0.5, stratify=y_rest, random_state=seed
     )
     return {
         "train": (np.ascontiguousarray(x_train), y_train),
@@ -163,7 +163,7 @@ def _make_net():
 
 
 @contextlib.contextmanager
-def _deterministic_torch() -> Iterator[None]:
+def _deterministic_torch(seed: int = SEED) -> Iterator[None]:
     """Fixed seed, deterministic algorithms and thread count; restores the caller's settings."""
     import torch
 
@@ -171,7 +171,7 @@ def _deterministic_torch() -> Iterator[None]:
     was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True)
         torch.set_num_threads(THREADS)
         try:
@@ -182,19 +182,22 @@ def _deterministic_torch() -> Iterator[None]:
 
 
 def train(
-    splits: dict[str, tuple[np.ndarray, np.ndarray]], log: Callable[[str], None] | None = None
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    log: Callable[[str], None] | None = None,
+    seed: int = SEED,
 ):
-    """Trains the CNN on ``splits["train"]``; returns the torch module in eval mode."""
+    """Trains the CNN on ``splits["train"]`` (initialization and batch order from ``seed``);
+    returns the torch module in eval mode."""
     import torch
 
-    with _deterministic_torch():
+    with _deterministic_torch(seed):
         net = _make_net()
         x = torch.from_numpy(splits["train"][0])
         y = torch.from_numpy(splits["train"][1])
         opt = torch.optim.Adam(net.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
         steps = EPOCHS * ((len(x) + BATCH - 1) // BATCH)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)
-        gen = torch.Generator().manual_seed(SEED)
+        gen = torch.Generator().manual_seed(seed)
         loss_fn = torch.nn.CrossEntropyLoss()
         net.train()
         for epoch in range(EPOCHS):
@@ -286,14 +289,15 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _complete(folder: Path) -> bool:
+def _complete(folder: Path, seed: int = SEED) -> bool:
     if not all((folder / f).exists() for f in FILES):
         return False
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
         return False
-    return meta.get("format_version") == FORMAT_VERSION and meta.get("source") == _source_hash()
+    return (meta.get("format_version") == FORMAT_VERSION and meta.get("source") == _source_hash()
+            and meta.get("seed") == seed)
 
 
 def _source_hash() -> str:
@@ -314,28 +318,35 @@ def _load(folder: Path) -> DigitsAsset:
 
 
 def build(
-    cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = None
+    cache_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
+    seed: int = SEED,
 ) -> DigitsAsset:
     """The digits asset: built (trained, exported, checked) into the cache unless present.
+
+    ``seed`` sets the split and the training; a seed other than the default is cached in
+    the sub-folder ``seed<N>`` (benchmarks repeat a comparison over several trained models).
 
     Raises:
         RuntimeError: the trained model's test accuracy is below 95 %.
     """
     folder = resolve_cache_dir(cache_dir)
-    if _complete(folder):
+    if seed != SEED:
+        folder = folder / f"seed{seed}"
+    if _complete(folder, seed):
         return _load(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with _lock(folder / ".lock"):
-        if _complete(folder):
+        if _complete(folder, seed):
             return _load(folder)
-        _build_into(folder, log)
+        _build_into(folder, log, seed)
     return _load(folder)
 
 
-def _build_into(folder: Path, log: Callable[[str], None] | None) -> None:
+def _build_into(folder: Path, log: Callable[[str], None] | None, seed: int = SEED) -> None:
     t0 = time.perf_counter()
-    splits = load_splits()
-    net = train(splits, log)
+    splits = load_splits(seed)
+    net = train(splits, log, seed)
     train_s = time.perf_counter() - t0
 
     # Export to a temp file first and measure accuracies on the exported model.
@@ -365,7 +376,7 @@ def _build_into(folder: Path, log: Callable[[str], None] | None) -> None:
         "epochs": EPOCHS,
         "batch": BATCH,
         "lr": LR,
-        "seed": SEED,
+        "seed": seed,
         "opset": OPSET,
         "train_seconds": round(train_s, 2),
     }
