@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from idap_onnx.model_io import tensor_array
+
 # Constants up to this size are cached as arrays by ``GraphIndex.constant``; larger ones (the
 # weights) are decoded on each call, so an analysis does not hold a second copy of the model.
 _CACHED_BYTES = 1 << 16
@@ -100,12 +102,13 @@ class GraphIndex:
         return name
 
     def constant(self, name: str) -> np.ndarray | None:
-        """The value of ``name`` when it is an initializer, an Identity of one, or a Constant."""
+        """The value of ``name`` when it is an initializer, an Identity of one, or a Constant
+        (a weight that ``model_io.offloaded`` holds on disk is read from its file)."""
         init = self.initializer_name(name)
         if init is not None:
             if init in self._arrays:
                 return self._arrays[init]
-            array = numpy_helper.to_array(self.initializers[init])
+            array = tensor_array(self.initializers[init])
             if array.nbytes <= _CACHED_BYTES:  # shapes, axes, indices: read again and again
                 self._arrays[init] = array
             return array

@@ -37,7 +37,9 @@ __all__ = [
     "iter_tensors",
     "load_model",
     "model_opset",
+    "offloaded",
     "save_model",
+    "tensor_array",
     "write_variant",
 ]
 
@@ -499,11 +501,130 @@ def write_variant(
 
     The weights are streamed one tensor at a time into ``<path>.data`` (external data, offsets
     aligned for mmap), so peak memory stays the model plus one tensor: no copy of the model,
-    no serialized string of it. ``model`` is not modified. Not atomic: meant for a temporary
-    directory (use :func:`save_model` for results).
+    no serialized string of it. Weights that :func:`offloaded` moved to disk are copied file
+    to file. ``model`` is not modified. Not atomic: meant for a temporary directory (use
+    :func:`save_model` for results).
     """
     destination = pathlib.Path(path)
     location = f"{destination.name}.data"
+    with open(destination.parent / location, "wb") as data:
+        head = _head(model, nodes, _ExternalWriter(data, location),
+                     lambda t: _raw_bytes(t) >= _EXTERNAL_TENSOR_MIN_BYTES, inputs)
+    head.graph.initializer.extend(initializers)
+    head.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
+    destination.write_bytes(head.SerializeToString())
+    return destination
+
+
+#: External-data location of each live :func:`offloaded` copy -> the folder holding its file.
+_OFFLOADED: dict[str, pathlib.Path] = {}
+
+
+@contextlib.contextmanager
+def offloaded(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
+    """A copy of ``model`` whose float weights of over 1024 elements (those shape analysis
+    treats as inputs) live in a temporary file, not in the proto.
+
+    Inside the ``with`` block :func:`tensor_array` (and so ``GraphIndex.constant``) and
+    :func:`write_variant` read them from the file. Once the caller drops its last reference
+    to ``model``, its weights' memory is freed: the protobuf runtime (upb) frees a message's
+    fields only with the whole message, so this copy is how a long pass (calibration) runs
+    without the weights twice in memory, once in the proto and once in ONNX Runtime. The
+    copy must not leave the block (its weights are deleted on exit).
+    """
+    with tempfile.TemporaryDirectory(prefix="idap-weights-") as tmp:
+        location = f"idap-weights-{os.getpid()}-{id(model):x}-{len(_OFFLOADED)}.data"
+        folder = pathlib.Path(tmp)
+        with open(folder / location, "wb") as data:
+            light = _head(model, model.graph.node, _ExternalWriter(data, location), _offloadable)
+        del model  # this frame must not keep the caller's model (and its weights) alive
+        _OFFLOADED[location] = folder
+        try:
+            yield light
+        finally:
+            _OFFLOADED.pop(location, None)
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """``numpy_helper.to_array``, also for a weight that :func:`offloaded` moved to disk."""
+    where = _offloaded_at(tensor)
+    if where is None:
+        return numpy_helper.to_array(tensor)
+    path, offset, length = where
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    array = np.fromfile(path, dtype=dtype, count=length // dtype.itemsize, offset=offset)
+    return array.reshape(tuple(tensor.dims))
+
+
+def _offloadable(tensor: onnx.TensorProto) -> bool:
+    """A float weight of over 1024 elements held as raw bytes (``shapes.skeleton``'s rule)."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    return (tensor.data_type in floats and int(np.prod(tensor.dims)) > 1024
+            and tensor.HasField("raw_data"))
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> int:
+    """The tensor's raw data size (its external length when :func:`offloaded` holds it)."""
+    where = _offloaded_at(tensor)
+    if where is not None:
+        return where[2]
+    return tensor.ByteSize() if tensor.HasField("raw_data") else 0
+
+
+def _offloaded_at(tensor: onnx.TensorProto) -> tuple[pathlib.Path, int, int] | None:
+    """(file, offset, length) of a weight an :func:`offloaded` copy holds on disk, else None."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    folder = _OFFLOADED.get(info.get("location", ""))
+    if folder is None:
+        return None
+    return folder / info["location"], int(info.get("offset", 0)), int(info["length"])
+
+
+class _ExternalWriter:
+    """Appends tensors' bytes to an open external-data file and makes their stubs."""
+
+    def __init__(self, data: IO[bytes], location: str) -> None:
+        self.data, self.location = data, location
+
+    def add(self, tensor: onnx.TensorProto, stub: onnx.TensorProto) -> None:
+        """Writes ``tensor``'s bytes (from its raw data, or file to file when offloaded) at
+        the next aligned offset and makes ``stub`` (a copy without data) point to them."""
+        self.data.write(b"\0" * (-self.data.tell() % _EXTERNAL_ALIGNMENT))
+        offset = self.data.tell()
+        where = _offloaded_at(tensor)
+        if where is None:
+            self.data.write(tensor.raw_data)
+        else:
+            with open(where[0], "rb") as src:
+                src.seek(where[1])
+                left = where[2]
+                while left:
+                    chunk = src.read(min(left, 1 << 24))
+                    if not chunk:
+                        raise OSError(f"offloaded weight {tensor.name!r} is truncated")
+                    self.data.write(chunk)
+                    left -= len(chunk)
+        length = self.data.tell() - offset
+        del stub.external_data[:]
+        for key, value in (("location", self.location), ("offset", offset),
+                           ("length", length)):
+            entry = stub.external_data.add()
+            entry.key, entry.value = key, str(value)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _head(
+    model: onnx.ModelProto,
+    nodes: Iterable[onnx.NodeProto],
+    writer: _ExternalWriter,
+    external: Callable[[onnx.TensorProto], bool],
+    inputs: Iterable[onnx.ValueInfoProto] | None = None,
+) -> onnx.ModelProto:
+    """``model`` without its main graph's nodes (``nodes`` instead) and with every
+    initializer that ``external`` selects written by ``writer`` and left as a stub; the rest
+    copied. ``raw_data`` is never read except to write it."""
     head = onnx.ModelProto()
     _copy_fields(model, head, skip=("graph",))
     skip = ("node", "initializer") + (() if inputs is None else ("input",))
@@ -511,28 +632,14 @@ def write_variant(
     if inputs is not None:
         head.graph.input.extend(inputs)
     head.graph.node.extend(nodes)
-    with open(destination.parent / location, "wb") as data:
-        for tensor in model.graph.initializer:
-            if not tensor.HasField("raw_data"):
-                head.graph.initializer.add().CopyFrom(tensor)
-                continue
-            raw = tensor.raw_data
-            if len(raw) < _EXTERNAL_TENSOR_MIN_BYTES:
-                head.graph.initializer.add().CopyFrom(tensor)
-                continue
-            data.write(b"\0" * (-data.tell() % _EXTERNAL_ALIGNMENT))
-            stub = head.graph.initializer.add()
-            _copy_fields(tensor, stub, skip=("raw_data",))
-            for key, value in (("location", location), ("offset", data.tell()),
-                               ("length", len(raw))):
-                entry = stub.external_data.add()
-                entry.key, entry.value = key, str(value)
-            stub.data_location = onnx.TensorProto.EXTERNAL
-            data.write(raw)
-    head.graph.initializer.extend(initializers)
-    head.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
-    destination.write_bytes(head.SerializeToString())
-    return destination
+    for tensor in model.graph.initializer:
+        if not external(tensor):
+            head.graph.initializer.add().CopyFrom(tensor)
+            continue
+        stub = head.graph.initializer.add()
+        _copy_fields(tensor, stub, skip=("raw_data", "external_data", "data_location"))
+        writer.add(tensor, stub)
+    return head
 
 
 def _copy_fields(source, target, *, skip: tuple[str, ...]) -> None:

@@ -46,6 +46,7 @@ from idap_onnx.calib.scores import UNIT_SCORES, block_divergence, unit_scores
 from idap_onnx.calib.stats import collect, plan_probes, providers
 from idap_onnx.dependency import DependencyGraph, analyze_model
 from idap_onnx.errors import UsageError
+from idap_onnx.model_io import offloaded
 
 __all__ = ["DEVICES", "BlockScore", "GroupScores", "ScoreReport", "Timing", "UnitRank", "score"]
 
@@ -269,23 +270,29 @@ def score(
     shapes = _analysis_shapes(cal, input_shapes, static_batch or 1)
     loaded = time.perf_counter()
 
-    graph = analyze_model(model, shapes)
-    blocks = find_blocks(graph.model, graph.index)
-    plan = plan_probes(graph, blocks, scores=(score,))
-    analyzed = time.perf_counter()
+    # The pass below runs on a copy whose weights are on disk (``model_io.offloaded``): once
+    # ``model`` is dropped, they are held by ONNX Runtime alone, not twice.
+    with offloaded(model) as light:
+        del model
+        graph = analyze_model(light, shapes)
+        blocks = find_blocks(graph.model, graph.index)
+        plan = plan_probes(graph, blocks, scores=(score,))
+        analyzed = time.perf_counter()
 
-    usable = len(cal) - len(cal) % batch_size if static_batch else len(cal)
-    feeds = _calibration_batches(cal, batch_size, usable, progress)
-    try:
-        stats = collect(model, plan, feeds, device=device)
-    except BaseException:
-        with contextlib.suppress(_Failed, StopIteration):
-            feeds.throw(_Failed())  # clears the bar before the error line is printed
-        raise
-    calibrated = time.perf_counter()
+        usable = len(cal) - len(cal) % batch_size if static_batch else len(cal)
+        feeds = _calibration_batches(cal, batch_size, usable, progress)
+        try:
+            stats = collect(light, plan, feeds, device=device)
+        except BaseException:
+            with contextlib.suppress(_Failed, StopIteration):
+                feeds.throw(_Failed())  # clears the bar before the error line is printed
+            raise
+        calibrated = time.perf_counter()
 
-    per_unit = unit_scores(graph, stats, score, mean_compensation=mean_compensation, seed=seed)
-    groups = _group_scores(graph, per_unit)
+        per_unit = unit_scores(graph, stats, score, mean_compensation=mean_compensation,
+                               seed=seed)
+        groups = _group_scores(graph, per_unit)
+        del graph, plan
     divergence = block_divergence(stats)
     order = sorted(range(len(blocks)),
                    key=lambda i: (_sort_key(divergence.get(blocks[i].name, math.nan)), i))

@@ -182,6 +182,35 @@ def test_write_variant_streams_weights_and_leaves_the_model_alone(legacy_export,
     assert float(energy) == pytest.approx(float((y.astype(np.float64) ** 2).sum()), rel=1e-5)
 
 
+def test_an_offloaded_copy_keeps_its_weights_on_disk_until_the_block_ends(
+    legacy_export, image, tmp_path
+):
+    """``offloaded``: the copy's large float weights are stubs whose bytes wait in a temp
+    file; ``tensor_array`` reads them back equal, ``write_variant`` copies them file to file
+    (ORT computes the same outputs), and the file is gone after the block."""
+    model = load_model(legacy_export)
+    big = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
+           if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 1024}
+    assert big
+
+    with model_io.offloaded(model) as light:
+        stubs = {t.name: t for t in light.graph.initializer if t.name in big}
+        assert all(not t.HasField("raw_data") for t in stubs.values())
+        assert light.ByteSize() < model.ByteSize() - 0.9 * sum(a.nbytes for a in big.values())
+        for name, want in big.items():
+            np.testing.assert_array_equal(model_io.tensor_array(stubs[name]), want)
+        path = model_io.write_variant(light, tmp_path / "v.onnx", nodes=light.graph.node)
+        np.testing.assert_array_equal(_run(path, {"input": image})[0],
+                                      _run(legacy_export, {"input": image})[0])
+        files = list(model_io._OFFLOADED.values())
+
+    assert len(files) == 1 and not files[0].exists()  # the weights' folder is gone
+    assert not model_io._OFFLOADED
+    for t in model.graph.initializer:  # the model it was made from is untouched
+        if t.name in big:
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), big[t.name])
+
+
 def test_small_models_are_saved_as_one_file(tmp_path):
     save_model(_conv_model(), tmp_path / "small.onnx")
 

@@ -132,6 +132,26 @@ def test_calibration_uses_only_the_calibration_part(resnet, npz, images):
     assert not np.allclose(_removable(everything), _removable(report))
 
 
+def test_score_measures_an_offloaded_copy_exactly_like_the_loaded_model(resnet, images):
+    """``score`` runs its pass on ``model_io.offloaded`` (weights on disk, not twice in
+    memory): every unit score and D_l equals the pass on the fully loaded model."""
+    from idap_onnx.blocks import find_blocks
+    from idap_onnx.calib.scores import block_divergence, unit_scores
+    from idap_onnx.calib.stats import collect, plan_probes
+
+    report = score(resnet, {"input": images}, batch_size=4, device="cpu")
+    model = load_model(resnet)
+    graph = analyze_model(model, {"input": [1, 3, 64, 64]})
+    blocks = find_blocks(model, graph.index)
+    feeds = [{"input": images[i:i + 4]} for i in range(0, N, 4)]
+    stats = collect(model, plan_probes(graph, blocks, scores=("idap",)), feeds, device="cpu")
+    want = unit_scores(graph, stats, "idap")
+    for g in report.groups:
+        np.testing.assert_array_equal(np.asarray(g.scores), want[g.id])
+    d_l = block_divergence(stats)
+    assert {b.name: b.divergence for b in report.blocks} == d_l
+
+
 def test_transformer_scores_heads_and_sublayers(bert, bert_npz):
     report = score(bert, bert_npz, batch_size=4)
     assert report.samples == 12 and report.provider == PROVIDER

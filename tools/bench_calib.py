@@ -30,8 +30,8 @@ after the imports, the model load and the analysis, whose own peak is reported a
 collect child first hands the heap the analysis freed back to the OS, as ``collect`` itself
 does before building its session); the "growth" columns subtract the RSS just before the
 call, isolating what the session and the runs add (a plain child holds only onnxruntime and
-numpy; a collect child also holds idap_onnx, the model proto and the analysis, as
-``idap-onnx score`` does).
+numpy; a collect child also holds idap_onnx, the model proto without its large weights
+(``model_io.offloaded``: they wait on disk) and the analysis, as ``idap-onnx score`` does).
 
 Usage::
 
@@ -141,32 +141,35 @@ def _child(spec: dict) -> dict:
         from idap_onnx.calib import stats as stats_mod
         from idap_onnx.calib.scores import block_divergence, unit_scores
         from idap_onnx.dependency import analyze_model
-        from idap_onnx.model_io import load_model
+        from idap_onnx.model_io import load_model, offloaded
 
         started = time.perf_counter()
         model = load_model(path)
         shapes = {name: [1, *dims[1:]] for name, dims in spec["shapes"].items()}
-        graph = analyze_model(model, shapes)
-        scores_probed = ("idap",) if mode == "collect" else stats_mod.PROBED_SCORES
-        plan = stats_mod.plan_probes(graph, find_blocks(graph.model, graph.index),
-                                     scores=scores_probed)
-        result["analysis_s"] = time.perf_counter() - started
-        result["analysis_peak_kib"] = _status()["VmHWM"]
-        stats_mod._trim_heap()  # what the analysis freed goes back to the OS, as collect does
-        _reset_peak()
-        base = _status()["VmRSS"]
-        cpu = _cpu()
-        started = time.perf_counter()
-        feeds = _feeds(kind, list(spec["shapes"]), n, batch, spec["vocab"])
-        stats = stats_mod.collect(model, plan, feeds, device="cpu")
-        done = time.perf_counter()
-        result.update(create_s=0.0, augment_s=0.0, loop_s=done - started,
-                      provider=stats.provider, samples=stats.samples, cpu_s=_cpu() - cpu,
-                      peak_kib=_status()["VmHWM"])
-        scores = unit_scores(graph, stats, "idap")
-        d_l = block_divergence(stats)
-        np.savez(spec["scores_out"], units=np.concatenate([scores[g.id] for g in graph.groups]),
-                 d_l=np.array([d_l[k] for k in sorted(d_l)]))
+        with offloaded(model) as light:  # as ``idap-onnx score`` does: weights on disk
+            del model
+            graph = analyze_model(light, shapes)
+            scores_probed = ("idap",) if mode == "collect" else stats_mod.PROBED_SCORES
+            plan = stats_mod.plan_probes(graph, find_blocks(graph.model, graph.index),
+                                         scores=scores_probed)
+            result["analysis_s"] = time.perf_counter() - started
+            result["analysis_peak_kib"] = _status()["VmHWM"]
+            stats_mod._trim_heap()  # the analysis's freed heap goes back, as collect does
+            _reset_peak()
+            base = _status()["VmRSS"]
+            cpu = _cpu()
+            started = time.perf_counter()
+            feeds = _feeds(kind, list(spec["shapes"]), n, batch, spec["vocab"])
+            stats = stats_mod.collect(light, plan, feeds, device="cpu")
+            done = time.perf_counter()
+            result.update(create_s=0.0, augment_s=0.0, loop_s=done - started,
+                          provider=stats.provider, samples=stats.samples, cpu_s=_cpu() - cpu,
+                          peak_kib=_status()["VmHWM"])
+            scores = unit_scores(graph, stats, "idap")
+            d_l = block_divergence(stats)
+            np.savez(spec["scores_out"],
+                     units=np.concatenate([scores[g.id] for g in graph.groups]),
+                     d_l=np.array([d_l[k] for k in sorted(d_l)]))
     result.setdefault("cpu_s", _cpu() - cpu)
     result.setdefault("peak_kib", _status()["VmHWM"])
     result.update(total_s=result["create_s"] + result["augment_s"] + result["loop_s"],
