@@ -17,8 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits as digits_tool  # noqa: E402
+from machine import line  # noqa: E402
 
 from idap_onnx.finetune import FinetuneConfig, finetune  # noqa: E402
 from idap_onnx.metrics import Evaluator  # noqa: E402
@@ -43,16 +42,7 @@ def _acc(model, x, y) -> float:
 
 
 def _machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        model = next(
-            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if "Model name" in ln), "?"
-        )
-    except OSError:
-        model = platform.processor() or "?"
-    import os
-
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, 1 torch thread"
+    return line(f"torch {torch.__version__}", "1 torch thread")
 
 
 def _epoch(net, x, bs=32, seed=0) -> float:

@@ -43,11 +43,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -383,36 +380,12 @@ def _sweep_p0(steps: int) -> float:
 
 
 def machine() -> dict:
-    model, cores = platform.processor() or "unknown", os.cpu_count()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name":
-                model = value.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    ram = 0.0
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    ram = int(line.split()[1]) / 2**20
-    except OSError:
-        pass
+    """``machine.describe()`` and the ONNX Runtime version."""
     import onnxruntime
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = cores
-    return {
-        "cpu": model,
-        "cores": usable,
-        "ram_gib": round(ram, 1),
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-    }
+    from tools.machine import describe
+
+    return {**describe(), "onnxruntime": onnxruntime.__version__}
 
 
 # ---------------------------------------------------------------------------------- the report

@@ -16,7 +16,6 @@ removed residual blocks equal the zeroed branch).
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import time
@@ -83,16 +82,10 @@ def summary(rows) -> str:
 
 
 def _machine() -> str:
-    """CPU model and core count, as ``lscpu`` would say it."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    """CPU model and usable CPUs (``tools/machine.py``)."""
+    from machine import cpu_model, usable_cpus
+
+    return f"{cpu_model()}, {usable_cpus()} cores"
 
 
 def main(argv: list[str] | None = None) -> int:
