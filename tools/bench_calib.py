@@ -51,7 +51,6 @@ import gc
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -280,24 +279,12 @@ def _mib(kib: int) -> str:
 
 
 def _machine() -> str:
-    model = cores = "?"
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in lscpu.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name":
-                model = value.strip()
-            if key.strip() == "CPU(s)":
-                cores = value.strip()
-    except OSError:
-        pass
-    with open("/proc/meminfo") as fh:
-        total = int(fh.readline().split()[1]) / 1024**2
     import onnxruntime as ort
 
-    return (f"{model}, {cores} CPUs, {total:.1f} GiB RAM, {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}, onnxruntime "
-            f"{ort.__version__} (CPUExecutionProvider, default threads)")
+    sys.path.insert(0, str(REPO / "tools"))
+    from machine import line
+
+    return line(f"onnxruntime {ort.__version__} (CPUExecutionProvider, default threads)")
 
 
 def main(argv: list[str] | None = None) -> int:
