@@ -36,6 +36,7 @@ __all__ = [
     "fold_constant_nodes",
     "iter_tensors",
     "load_model",
+    "load_offloaded",
     "model_opset",
     "offloaded",
     "save_model",
@@ -543,6 +544,70 @@ def offloaded(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
             yield light
         finally:
             _OFFLOADED.pop(location, None)
+
+
+@contextlib.contextmanager
+def load_offloaded(
+    path: str | os.PathLike, *, fold_constants: bool = True
+) -> Iterator[onnx.ModelProto]:
+    """:func:`load_model` for the length of a ``with`` block, its large float weights left on
+    disk as in :func:`offloaded`, without ever reading them into memory.
+
+    A model saved as one file is read by ``wire.read_without_weights``: its weights stay in
+    the file (reached through a link in a temporary folder) and the peak while loading is the
+    model's structure, not twice its weights. Any other file (external data, or one the scan
+    cannot read) goes through :func:`load_model` and :func:`offloaded`, so its errors are
+    load_model's. The model yielded passed the same checks and naming as ``load_model``'s; it
+    must not leave the block.
+    """
+    from idap_onnx import wire
+
+    path = pathlib.Path(path)
+    with tempfile.TemporaryDirectory(prefix="idap-weights-") as tmp:
+        location = f"idap-file-{os.getpid()}-{len(_OFFLOADED)}-{pathlib.Path(tmp).name}.data"
+        model = None
+        try:
+            data, _ = wire.read_without_weights(path, location)
+            model = onnx.ModelProto.FromString(data)
+            del data
+            if not model.HasField("graph") or not model.graph.node or model.ir_version == 0:
+                model = None  # let load_model say what is wrong
+        except (OSError, wire.WireError, DecodeError, ValueError, RuntimeError):
+            model = None
+        if model is None:
+            loaded = load_model(path, fold_constants=fold_constants)
+            with offloaded(loaded) as light:
+                del loaded
+                yield light
+            return
+        os.symlink(path.resolve(), pathlib.Path(tmp) / location)
+        _OFFLOADED[location] = pathlib.Path(tmp)
+        try:
+            _check_opsets(model, path)
+            _run_checker(_without_offloaded(model), path)
+            if fold_constants:
+                fold_constant_nodes(model.graph, ir_version=model.ir_version)
+            assign_node_names(model.graph)
+            yield model
+        finally:
+            _OFFLOADED.pop(location, None)
+
+
+def _without_offloaded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What the checker can read of a :func:`load_offloaded` model: the weights left on disk
+    become graph inputs of their type and shape (the checker would look for their file
+    relative to the working directory). The scan checked their byte lengths."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip=("graph",))
+    _copy_fields(model.graph, out.graph, skip=("initializer",))
+    listed = {v.name for v in model.graph.input}
+    for tensor in model.graph.initializer:
+        if _offloaded_at(tensor) is None:
+            out.graph.initializer.add().CopyFrom(tensor)
+        elif tensor.name not in listed:
+            out.graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return out
 
 
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:

@@ -25,13 +25,13 @@ import math
 import os
 import sys
 import time
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from idap_onnx.api import SCHEMA_VERSION, InputShapes, ModelInfo, ModelLike, _load
+from idap_onnx.api import SCHEMA_VERSION, InputShapes, ModelInfo, ModelLike, _load, _model_info
 from idap_onnx.blocks import find_blocks
 from idap_onnx.calib.data import (
     Dataset,
@@ -46,7 +46,7 @@ from idap_onnx.calib.scores import UNIT_SCORES, block_divergence, unit_scores
 from idap_onnx.calib.stats import collect, plan_probes, providers
 from idap_onnx.dependency import DependencyGraph, analyze_model
 from idap_onnx.errors import UsageError
-from idap_onnx.model_io import offloaded
+from idap_onnx.model_io import load_offloaded, offloaded
 
 __all__ = ["DEVICES", "BlockScore", "GroupScores", "ScoreReport", "Timing", "UnitRank", "score"]
 
@@ -260,21 +260,19 @@ def score(
     batch_size = int(batch_size)
     providers(device)  # fails now, not after the analysis, when CUDA is asked for but absent
     started = time.perf_counter()
-    model, info = _load(model_or_path)
-    data = load_data(calib, model, image=image, tokenizer=tokenizer, seq_len=seq_len,
-                     num_random=num_random, seed=seed)
-    cal, val = split(data, val_fraction, seed)
-    static_batch = _static_batch(model, batch_size)
-    require(cal, batch_size, "one batch", fix=f"--batch-size {len(cal)}" if not static_batch
-            else None)
-    shapes = _analysis_shapes(cal, input_shapes, static_batch or 1)
-    loaded = time.perf_counter()
+    # The model's large weights wait on disk for the whole pass (``model_io.load_offloaded``):
+    # ONNX Runtime's session holds the only copy in memory.
+    with _offloaded(model_or_path) as (model, info):
+        data = load_data(calib, model, image=image, tokenizer=tokenizer, seq_len=seq_len,
+                         num_random=num_random, seed=seed)
+        cal, val = split(data, val_fraction, seed)
+        static_batch = _static_batch(model, batch_size)
+        require(cal, batch_size, "one batch", fix=f"--batch-size {len(cal)}"
+                if not static_batch else None)
+        shapes = _analysis_shapes(cal, input_shapes, static_batch or 1)
+        loaded = time.perf_counter()
 
-    # The pass below runs on a copy whose weights are on disk (``model_io.offloaded``): once
-    # ``model`` is dropped, they are held by ONNX Runtime alone, not twice.
-    with offloaded(model) as light:
-        del model
-        graph = analyze_model(light, shapes)
+        graph = analyze_model(model, shapes)
         blocks = find_blocks(graph.model, graph.index)
         plan = plan_probes(graph, blocks, scores=(score,))
         analyzed = time.perf_counter()
@@ -282,7 +280,7 @@ def score(
         usable = len(cal) - len(cal) % batch_size if static_batch else len(cal)
         feeds = _calibration_batches(cal, batch_size, usable, progress)
         try:
-            stats = collect(light, plan, feeds, device=device)
+            stats = collect(model, plan, feeds, device=device)
         except BaseException:
             with contextlib.suppress(_Failed, StopIteration):
                 feeds.throw(_Failed())  # clears the bar before the error line is printed
@@ -292,7 +290,7 @@ def score(
         per_unit = unit_scores(graph, stats, score, mean_compensation=mean_compensation,
                                seed=seed)
         groups = _group_scores(graph, per_unit)
-        del graph, plan
+        del graph, plan, model
     divergence = block_divergence(stats)
     order = sorted(range(len(blocks)),
                    key=lambda i: (_sort_key(divergence.get(blocks[i].name, math.nan)), i))
@@ -310,6 +308,20 @@ def score(
         bool(cal.synthetic), stats.samples, len(val), batch_size, float(val_fraction), int(seed),
         score, bool(mean_compensation), device, stats.provider, groups, block_scores, timing,
     )
+
+
+@contextlib.contextmanager
+def _offloaded(model_or_path: ModelLike) -> Iterator[tuple[onnx.ModelProto, ModelInfo]]:
+    """The model with its large weights on disk (``model_io.load_offloaded`` for a path,
+    ``model_io.offloaded`` of a copy for a proto), and its description."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        model, info = _load(model_or_path)
+        with offloaded(model) as light:
+            del model
+            yield light, info
+        return
+    with load_offloaded(model_or_path) as light:
+        yield light, _model_info(light, os.fspath(model_or_path))
 
 
 def _static_batch(model: onnx.ModelProto, batch_size: int) -> int | None:

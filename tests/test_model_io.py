@@ -211,6 +211,49 @@ def test_an_offloaded_copy_keeps_its_weights_on_disk_until_the_block_ends(
             np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), big[t.name])
 
 
+def test_a_one_file_model_loads_with_its_weights_left_in_the_file(legacy_export, image):
+    """``load_offloaded``: the same graph as ``load_model`` (checked, folded, named), its
+    large float weights read from the model file itself only when asked for, and a session
+    file written from it computes the same outputs."""
+    full = load_model(legacy_export)
+    with model_io.load_offloaded(legacy_export) as light:
+        assert list(light.graph.node) == list(full.graph.node)
+        left = [t for t in light.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert left and all(not t.HasField("raw_data") for t in left)
+        (folder,) = model_io._OFFLOADED.values()
+        assert all((folder / e.value).resolve() == legacy_export.resolve()
+                   for t in left for e in t.external_data if e.key == "location")
+        for t, want in zip(light.graph.initializer, full.graph.initializer, strict=True):
+            np.testing.assert_array_equal(model_io.tensor_array(t),
+                                          onnx.numpy_helper.to_array(want))
+        path = model_io.write_variant(light, folder / "v.onnx", nodes=light.graph.node)
+        np.testing.assert_array_equal(_run(path, {"input": image})[0],
+                                      _run(legacy_export, {"input": image})[0])
+    assert not model_io._OFFLOADED
+
+
+def test_a_model_with_external_data_is_offloaded_after_a_full_load(dynamo_export, image):
+    with model_io.load_offloaded(dynamo_export) as light:
+        assert list(light.graph.node) == list(load_model(dynamo_export).graph.node)
+        (folder,) = model_io._OFFLOADED.values()
+        path = model_io.write_variant(light, folder / "v.onnx", nodes=light.graph.node)
+        feed = {light.graph.input[0].name: image[:1]}  # the dynamo export has batch 1
+        np.testing.assert_array_equal(_run(path, feed)[0], _run(dynamo_export, feed)[0])
+
+
+def test_bad_files_give_load_models_errors_when_loaded_offloaded(legacy_export, tmp_path):
+    data = legacy_export.read_bytes()
+    cases = {"half.onnx": data[: len(data) // 2], "text.onnx": b"hello\n", "empty.onnx": b""}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    for path in [*(tmp_path / n for n in cases), tmp_path, tmp_path / "nope.onnx"]:
+        with pytest.raises(ModelLoadError) as want:
+            load_model(path)
+        with pytest.raises(ModelLoadError) as got, model_io.load_offloaded(path):
+            pass
+        assert str(got.value) == str(want.value)
+
+
 def test_small_models_are_saved_as_one_file(tmp_path):
     save_model(_conv_model(), tmp_path / "small.onnx")
 

@@ -31,7 +31,8 @@ collect child first hands the heap the analysis freed back to the OS, as ``colle
 does before building its session); the "growth" columns subtract the RSS just before the
 call, isolating what the session and the runs add (a plain child holds only onnxruntime and
 numpy; a collect child also holds idap_onnx, the model proto without its large weights
-(``model_io.offloaded``: they wait on disk) and the analysis, as ``idap-onnx score`` does).
+(``model_io.load_offloaded``: they stay in the model file) and the analysis, as ``idap-onnx
+score`` does).
 
 Usage::
 
@@ -140,13 +141,11 @@ def _child(spec: dict) -> dict:
         from idap_onnx.calib import stats as stats_mod
         from idap_onnx.calib.scores import block_divergence, unit_scores
         from idap_onnx.dependency import analyze_model
-        from idap_onnx.model_io import load_model, offloaded
+        from idap_onnx.model_io import load_offloaded
 
         started = time.perf_counter()
-        model = load_model(path)
         shapes = {name: [1, *dims[1:]] for name, dims in spec["shapes"].items()}
-        with offloaded(model) as light:  # as ``idap-onnx score`` does: weights on disk
-            del model
+        with load_offloaded(path) as light:  # as ``idap-onnx score`` does: weights on disk
             graph = analyze_model(light, shapes)
             scores_probed = ("idap",) if mode == "collect" else stats_mod.PROBED_SCORES
             plan = stats_mod.plan_probes(graph, find_blocks(graph.model, graph.index),
