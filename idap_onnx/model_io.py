@@ -572,6 +572,8 @@ def load_offloaded(
             del data
             if not model.HasField("graph") or not model.graph.node or model.ir_version == 0:
                 model = None  # let load_model say what is wrong
+            else:
+                os.symlink(path.resolve(), pathlib.Path(tmp) / location)
         except (OSError, wire.WireError, DecodeError, ValueError, RuntimeError):
             model = None
         if model is None:
@@ -580,7 +582,6 @@ def load_offloaded(
                 del loaded
                 yield light
             return
-        os.symlink(path.resolve(), pathlib.Path(tmp) / location)
         _OFFLOADED[location] = pathlib.Path(tmp)
         try:
             _check_opsets(model, path)

@@ -232,6 +232,29 @@ def test_a_one_file_model_loads_with_its_weights_left_in_the_file(legacy_export,
     assert not model_io._OFFLOADED
 
 
+def test_half_precision_weights_are_left_in_the_file_too(tmp_path):
+    """float16 weights of over 1024 elements are read back exactly; a small one stays inline."""
+    big = np.linspace(-2, 2, 2048).astype(np.float16)
+    small = np.arange(4, dtype=np.float16)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "big"], ["y"]),
+         onnx.helper.make_node("Add", ["s", "small"], ["z"])], "half",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, [2048]),
+         onnx.helper.make_tensor_value_info("s", onnx.TensorProto.FLOAT16, [4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, [2048]),
+         onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT16, [4])],
+        [onnx.numpy_helper.from_array(big, "big"), onnx.numpy_helper.from_array(small, "small")],
+    )
+    path = tmp_path / "half.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]),
+              str(path))
+    with model_io.load_offloaded(path) as light:
+        stub, inline = light.graph.initializer
+        assert stub.data_location == onnx.TensorProto.EXTERNAL and inline.HasField("raw_data")
+        np.testing.assert_array_equal(model_io.tensor_array(stub), big)
+        np.testing.assert_array_equal(model_io.tensor_array(inline), small)
+
+
 def test_a_model_with_external_data_is_offloaded_after_a_full_load(dynamo_export, image):
     with model_io.load_offloaded(dynamo_export) as light:
         assert list(light.graph.node) == list(load_model(dynamo_export).graph.node)
