@@ -127,7 +127,7 @@ def _rows(arrays: dict, size: int | None = None) -> list[dict]:
     return [{k: v[i : i + size] for k, v in arrays.items()} for i in range(0, n, size)]
 
 
-def minilm(epochs: int, lr: float, calib_n: int, feature_weight: float) -> None:
+def minilm(epochs: int, lr: float, calib_n: int, feature_weight: float, extra: int = 0) -> None:
     import minilm as minilm_tool
     import numpy as np
 
@@ -149,7 +149,13 @@ def minilm(epochs: int, lr: float, calib_n: int, feature_weight: float) -> None:
     prune_s = time.perf_counter() - t0
     ft_cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=16, patience=epochs, threads=2,
                             feature_weight=feature_weight)
-    ft = finetune(pruned.model, model, _rows(arrays["calib"]), val=_rows(arrays["val"]),
+    train = _rows(arrays["calib"])
+    if extra:  # more unlabelled text: standard-library docstrings (never val or test)
+        tokenizer = minilm_tool.load_tokenizer(asset.tokenizer_dir)
+        more = minilm_tool.tokenize(tokenizer, minilm_tool.docstring_sentences()[:extra],
+                                    list(arrays["calib"]))
+        train += _rows({k: np.asarray(v, dtype=np.int64) for k, v in more.items()})
+    ft = finetune(pruned.model, model, train, val=_rows(arrays["val"]),
                   config=ft_cfg, progress=True)
     macs = pruned.final["macs"] / pruned.original["macs"]
     before, after = test_ev.evaluate(pruned.model), test_ev.evaluate(ft.model)
@@ -158,7 +164,8 @@ def minilm(epochs: int, lr: float, calib_n: int, feature_weight: float) -> None:
           f"{calib_n} calibration sentences), sequence {seq}")
     print(f"test cosine to the original: pruned {before.metric:.4f}, fine-tuned "
           f"{after.metric:.4f} ({epochs} epochs max, lr {lr:g}, best epoch {ft.best_epoch}, "
-          f"{ft.seconds:.0f} s, {len(arrays['calib']['input_ids'])} unlabelled sentences, "
+          f"{ft.seconds:.0f} s, {len(train)} unlabelled sentences ({extra} of them "
+          f"standard-library docstrings), "
           f"feature weight {feature_weight:g})")
     for h in ft.history:
         print(f"  epoch {h['epoch']}: train loss {h['loss']}, val metric {h['val_metric']}")
@@ -172,11 +179,15 @@ def main() -> None:
     ap.add_argument("--minilm-lr", type=float, default=1e-4)
     ap.add_argument("--minilm-feature-weight", type=float, default=0.0,
                     help="weight of the residual-sum feature term (FinetuneConfig)")
+    ap.add_argument("--minilm-extra", type=int, default=0,
+                    help="also distill on this many standard-library docstring sentences "
+                    "(tools/minilm.py docstring_sentences)")
     ap.add_argument("--minilm-calib", type=int, default=128,
                     help="calibration sentences for the pruning (of 512)")
     args = ap.parse_args()
     if "minilm" in args.models:
-        minilm(args.epochs, args.minilm_lr, args.minilm_calib, args.minilm_feature_weight)
+        minilm(args.epochs, args.minilm_lr, args.minilm_calib, args.minilm_feature_weight,
+               args.minilm_extra)
     if "digits" not in args.models:
         return
     torch.set_num_threads(1)
