@@ -197,3 +197,12 @@ def test_minilm_evaluator_cosine(minilm_asset):
     # different sentences embed differently: the metric can see a change
     emb = np.concatenate(ev.ref_outputs[0])
     assert cosine(emb[1:], emb[:-1]) < 0.9
+
+
+def test_docstring_sentences_are_more_prose_never_seen_in_val_or_test():
+    """The extra distillation text: standard-library docstring sentences, read without
+    importing anything, none of them in the pool that val and test come from."""
+    extra = minilm.docstring_sentences()
+    assert len(extra) > 1000 and len(set(extra)) == len(extra)
+    assert not set(extra) & set(minilm.sentences())
+    assert all(minilm._prose(s) for s in extra)
