@@ -3,13 +3,16 @@
 The Python function behind ``idap-onnx score``. It composes the calibration pieces without
 editing any graph:
 
-1. ``calib.data.load_data`` reads and checks the data, ``split`` keeps only the calibration
+1. ``model_io.load_offloaded`` reads the model without its large weights, which stay on disk
+   for the whole pass (read back when a score needs one), so ONNX Runtime's session holds
+   the only copy in memory;
+2. ``calib.data.load_data`` reads and checks the data, ``split`` keeps only the calibration
    part (the validation part is never run), ``require`` asks for at least one full batch;
-2. ``dependency.analyze_model`` at the calibration samples' own shapes (batch 1), so the
+3. ``dependency.analyze_model`` at the calibration samples' own shapes (batch 1), so the
    per-sample output positions the scores use are the ones the data has;
-3. ``calib.stats.collect`` runs the model once over the calibration batches with in-graph
+4. ``calib.stats.collect`` runs the model once over the calibration batches with in-graph
    reductions (ONNX Runtime, the provider that actually ran is reported);
-4. ``calib.scores.unit_scores`` (stage 1, METHOD.md Sec. 2: ``D_f`` per unit, or a baseline
+5. ``calib.scores.unit_scores`` (stage 1, METHOD.md Sec. 2: ``D_f`` per unit, or a baseline
    score) and ``block_divergence`` (stage 2, Sec. 3: ``D_l = E||y - x|| / E||y||``).
 
 Lower scores mean less information lost by removal: the lowest-scored units and the blocks with
