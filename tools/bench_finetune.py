@@ -150,11 +150,13 @@ def minilm(epochs: int, lr: float, calib_n: int, feature_weight: float, extra: i
     ft_cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=16, patience=epochs, threads=2,
                             feature_weight=feature_weight)
     train = _rows(arrays["calib"])
+    n_extra = 0
     if extra:  # more unlabelled text: standard-library docstrings (never val or test)
         tokenizer = minilm_tool.load_tokenizer(asset.tokenizer_dir)
         more = minilm_tool.tokenize(tokenizer, minilm_tool.docstring_sentences()[:extra],
                                     list(arrays["calib"]))
         train += _rows({k: np.asarray(v, dtype=np.int64) for k, v in more.items()})
+        n_extra = len(more["input_ids"])
     ft = finetune(pruned.model, model, train, val=_rows(arrays["val"]),
                   config=ft_cfg, progress=True)
     macs = pruned.final["macs"] / pruned.original["macs"]
@@ -164,7 +166,7 @@ def minilm(epochs: int, lr: float, calib_n: int, feature_weight: float, extra: i
           f"{calib_n} calibration sentences), sequence {seq}")
     print(f"test cosine to the original: pruned {before.metric:.4f}, fine-tuned "
           f"{after.metric:.4f} ({epochs} epochs max, lr {lr:g}, best epoch {ft.best_epoch}, "
-          f"{ft.seconds:.0f} s, {len(train)} unlabelled sentences ({extra} of them "
+          f"{ft.seconds:.0f} s, {len(train)} unlabelled sentences ({n_extra} of them "
           f"standard-library docstrings), "
           f"feature weight {feature_weight:g})")
     for h in ft.history:
