@@ -34,6 +34,7 @@ __all__ = [
     "SUPPORTED_OPSETS",
     "assign_node_names",
     "fold_constant_nodes",
+    "is_large_weight",
     "iter_tensors",
     "load_model",
     "load_offloaded",
@@ -534,8 +535,8 @@ def offloaded(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
     copy must not leave the block (its weights are deleted on exit).
     """
     with tempfile.TemporaryDirectory(prefix="idap-weights-") as tmp:
-        location = f"idap-weights-{os.getpid()}-{id(model):x}-{len(_OFFLOADED)}.data"
         folder = pathlib.Path(tmp)
+        location = _location(folder)
         with open(folder / location, "wb") as data:
             light = _head(model, model.graph.node, _ExternalWriter(data, location), _offloadable)
         del model  # this frame must not keep the caller's model (and its weights) alive
@@ -564,7 +565,7 @@ def load_offloaded(
 
     path = pathlib.Path(path)
     with tempfile.TemporaryDirectory(prefix="idap-weights-") as tmp:
-        location = f"idap-file-{os.getpid()}-{len(_OFFLOADED)}-{pathlib.Path(tmp).name}.data"
+        location = _location(pathlib.Path(tmp))
         model = None
         try:
             data, _ = wire.read_without_weights(path, location)
@@ -592,6 +593,12 @@ def load_offloaded(
             yield model
         finally:
             _OFFLOADED.pop(location, None)
+
+
+def _location(folder: pathlib.Path) -> str:
+    """The external-data name of the weights kept in ``folder`` (a fresh temporary folder, so
+    the name is unique among the live entries of ``_OFFLOADED``)."""
+    return f"idap-weights-{folder.name}.data"
 
 
 def _without_offloaded(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -622,15 +629,27 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     return array.reshape(tuple(tensor.dims))
 
 
+def is_large_weight(data_type: int, elements: int) -> bool:
+    """A float32 or float16 tensor of over 1024 elements: a weight that shape analysis treats
+    as a graph input (``shapes.skeleton``) and that :func:`offloaded`, :func:`load_offloaded`
+    and ``wire.read_without_weights`` keep on disk. One rule, so that every tensor left on
+    disk is one the skeleton drops."""
+    return data_type in _LARGE_WEIGHT_TYPES and elements > 1024
+
+
+_LARGE_WEIGHT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
 def _offloadable(tensor: onnx.TensorProto) -> bool:
-    """A float weight of over 1024 elements held as raw bytes (``shapes.skeleton``'s rule)."""
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-    return (tensor.data_type in floats and int(np.prod(tensor.dims)) > 1024
+    """A large weight (:func:`is_large_weight`) held as raw bytes."""
+    return (is_large_weight(tensor.data_type, int(np.prod(tensor.dims)))
             and tensor.HasField("raw_data"))
 
 
 def _raw_bytes(tensor: onnx.TensorProto) -> int:
-    """The tensor's raw data size (its external length when :func:`offloaded` holds it)."""
+    """The tensor's raw data size, as its serialized size (a few bytes more; reading
+    ``raw_data`` to measure it would copy the bytes), or its length on disk when
+    :func:`offloaded` holds it."""
     where = _offloaded_at(tensor)
     if where is not None:
         return where[2]

@@ -21,7 +21,12 @@ import onnx
 from onnx import external_data_helper
 
 from idap_onnx.errors import UsageError
-from idap_onnx.model_io import EXTERNAL_DATA_THRESHOLD, iter_tensors, write_variant
+from idap_onnx.model_io import (
+    EXTERNAL_DATA_THRESHOLD,
+    is_large_weight,
+    iter_tensors,
+    write_variant,
+)
 
 __all__ = ["infer_shapes", "parse_input_shapes", "tensor_dtypes", "tensor_shapes"]
 
@@ -409,7 +414,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
         n = 1
         for d in t.dims:
             n *= d
-        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and n > 1024:
+        if is_large_weight(t.data_type, n):
             out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
         else:
             keep.append(t)

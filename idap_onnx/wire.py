@@ -18,14 +18,15 @@ from __future__ import annotations
 import os
 from typing import IO
 
+from idap_onnx.model_io import is_large_weight
+
 MODEL_GRAPH = 7  # ModelProto.graph
 GRAPH_INITIALIZER = 5  # GraphProto.initializer
 TENSOR_DIMS, TENSOR_DATA_TYPE, TENSOR_RAW_DATA = 1, 2, 9  # TensorProto fields
 TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION = 13, 14
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5  # wire types
-FLOAT_TYPES = (1, 10)  # TensorProto.FLOAT (4 bytes), FLOAT16 (2 bytes)
+ITEM_BYTES = {1: 4, 10: 2}  # TensorProto.FLOAT, FLOAT16 (``model_io.is_large_weight``'s types)
 EXTERNAL = 1  # TensorProto.EXTERNAL
-MIN_ELEMENTS = 1024  # more elements than this are left in the file (``shapes.skeleton``'s rule)
 
 
 class WireError(ValueError):
@@ -33,8 +34,8 @@ class WireError(ValueError):
 
 
 def read_without_weights(path: str | os.PathLike, location: str) -> tuple[bytes, int]:
-    """The serialized model at ``path`` with the ``raw_data`` of every main-graph float
-    initializer of over 1024 elements replaced by an external-data reference (``location``,
+    """The serialized model at ``path`` with the ``raw_data`` of every main-graph initializer
+    that ``model_io.is_large_weight`` selects replaced by an external-data reference (``location``,
     the absolute byte offset of the data in ``path``, its length). Returns the bytes and how
     many tensors were left in the file.
 
@@ -109,8 +110,8 @@ def _tensor(fh: IO[bytes], end: int, size: int, location: str) -> tuple[bytes, i
     if raw is None:
         return bytes(kept), 0
     offset, length = raw
-    if data_type in FLOAT_TYPES and elements > MIN_ELEMENTS:
-        if length != elements * (4 if data_type == 1 else 2):
+    if is_large_weight(data_type, elements):
+        if length != elements * ITEM_BYTES[data_type]:
             raise WireError("a tensor's raw data does not match its dims")
         for key, value in (("location", location), ("offset", str(offset)),
                            ("length", str(length))):
