@@ -86,6 +86,13 @@ class Task:
     data: str = ""
     kept: Callable[[dict], str] = lambda kept: ""
 
+    def evaluators(self):
+        """The validation and test evaluators (``idap_onnx.metrics.Evaluator``) of the task."""
+        from idap_onnx.metrics import Evaluator
+
+        return (Evaluator(self.model, self.val, labels=self.val_labels, metric=self.metric),
+                Evaluator(self.model, self.test, labels=self.test_labels, metric=self.metric))
+
 
 def _batches(arrays: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
     n = len(next(iter(arrays.values())))
@@ -248,11 +255,9 @@ def run_task(
     oneshot: tuple[str, ...] = ()
 ) -> tuple[list[dict], dict]:
     """Every variant at every target; ``p0(target)`` is the schedule's first fraction."""
-    from idap_onnx.metrics import Evaluator
 
     t0 = time.perf_counter()
-    val_ev = Evaluator(task.model, task.val, labels=task.val_labels, metric=task.metric)
-    test_ev = Evaluator(task.model, task.test, labels=task.test_labels, metric=task.metric)
+    val_ev, test_ev = task.evaluators()
     info = {
         "model": task.name,
         "data": task.data,
@@ -294,10 +299,8 @@ def run_task(
 def sweep_steps(task: Task, targets, scores, seeds, steps_list, log) -> str:
     """Diagnostic: the same run with T = 1, 2, ... steps (MC on, p0 = min(0.9, 0.5 / T),
     0.9 for T = 1); a markdown table of val and test metric and val error per T."""
-    from idap_onnx.metrics import Evaluator
 
-    val_ev = Evaluator(task.model, task.val, labels=task.val_labels, metric=task.metric)
-    test_ev = Evaluator(task.model, task.test, labels=task.test_labels, metric=task.metric)
+    val_ev, test_ev = task.evaluators()
     head = " | ".join(f"T={t} (p0 {_sweep_p0(t):.3g})" for t in steps_list)
     lines = [
         f"{task.name}, MC on; each cell: val % / test % / val err (MACs % kept)",
@@ -338,14 +341,12 @@ def model_seeds(targets, scores, seeds, model_seeds, batch: int, p0: float, log)
     table per target of the test metric per trained model, the mean, and ``idap``'s lead over
     each score's mean. One trained model's test split has 360 images (1 image = 0.28
     points), so a single model cannot separate scores closer than that."""
-    from idap_onnx.metrics import Evaluator
 
     tests: dict[tuple[float, str], list[float]] = {}
     originals = []
     for ms in model_seeds:
         task = digits_task(batch, ms)
-        val_ev = Evaluator(task.model, task.val, labels=task.val_labels, metric=task.metric)
-        test_ev = Evaluator(task.model, task.test, labels=task.test_labels, metric=task.metric)
+        val_ev, test_ev = task.evaluators()
         originals.append(test_ev.original_metric)
         for target in targets:
             for score in scores:
