@@ -121,6 +121,29 @@ def _stack(samples: Sequence[Sample], idx: Sequence[int], names: Sequence[str]):
     }
 
 
+def _shape_groups(samples: Sequence[Sample], names: Sequence[str]) -> list[np.ndarray]:
+    """Indices of ``samples`` grouped by their input shapes (first-seen order; within a group,
+    data order). Samples of different shapes (text of different lengths) are never stacked
+    into one batch."""
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(tuple(np.shape(s[n]) for n in names), []).append(i)
+    return [np.asarray(g, dtype=np.int64) for g in groups.values()]
+
+
+def _batches(groups: Sequence[np.ndarray], bs: int, rng=None) -> list[np.ndarray]:
+    """Batches of at most ``bs`` indices, each from one shape group. With ``rng`` (one epoch of
+    training): each group in random order and, with several groups, the batches shuffled; one
+    group draws exactly one permutation. Without: in order."""
+    out = []
+    for g in groups:
+        order = g if rng is None else g[rng.permutation(len(g))]
+        out += [order[i : i + bs] for i in range(0, len(order), bs)]
+    if rng is not None and len(groups) > 1:
+        out = [out[i] for i in rng.permutation(len(out))]
+    return out
+
+
 def _is_logits(t, loss: str = "auto", name: str = "") -> bool:
     """Whether teacher output ``t`` (graph output ``name``) is distilled as logits (KL), else
     by MSE."""
@@ -196,8 +219,7 @@ def recalibrate_bn(module, samples: Sequence[Sample], batch_size: int, names, de
     module.train()
     n_batches = 0
     with torch.no_grad():
-        for start in range(0, len(samples), batch_size):
-            idx = range(start, min(start + batch_size, len(samples)))
+        for idx in _batches(_shape_groups(samples, names), batch_size):
             feeds = {k: v.to(device) for k, v in _stack(samples, idx, names).items()}
             for m, v in pairs:  # momentum 1: the buffers hold this batch's statistics
                 m.zero_()
@@ -344,7 +366,8 @@ def _train(s_mod, t_mod, data, labels, val, val_labels, config, device, progress
     outputs = list(s_mod.output_names)
     n = len(data)
     bs = min(config.batch_size, n)
-    steps = config.steps or math.ceil(n / bs)
+    groups = _shape_groups(data, names)
+    steps = config.steps or sum(math.ceil(len(g) / bs) for g in groups)
     total_steps = max(config.epochs * steps, 1)
     if config.recalibrate_bn:
         recalibrate_bn(s_mod, data, bs, names, device)
@@ -365,10 +388,9 @@ def _train(s_mod, t_mod, data, labels, val, val_labels, config, device, progress
 
     # teacher outputs on the validation part, once
     val_batches = []
-    for start in range(0, len(val), bs):
-        idx = range(start, min(start + bs, len(val)))
+    for idx in _batches(_shape_groups(val, names), bs) if val else []:
         feeds = {k: v.to(device) for k, v in _stack(val, idx, names).items()}
-        y = None if val_labels is None else torch.from_numpy(val_labels[start : start + len(idx)])
+        y = None if val_labels is None else torch.from_numpy(val_labels[idx])
         val_batches.append((feeds, teacher_out(feeds), y))
 
     def validate() -> float | None:
@@ -399,15 +421,14 @@ def _train(s_mod, t_mod, data, labels, val, val_labels, config, device, progress
 
         bar = tqdm(total=total_steps, desc="finetune", unit="step", leave=False)
     s_mod.train()
-    order, pos = rng.permutation(n), 0
+    queue: list[np.ndarray] = []
     try:
         for epoch in range(1, config.epochs + 1):
             loss_sum, seen, te = 0.0, 0, time.perf_counter()
             for _ in range(steps):
-                if pos >= n:
-                    order, pos = rng.permutation(n), 0
-                idx = order[pos : pos + bs]
-                pos += len(idx)
+                if not queue:  # a new pass over the data
+                    queue = _batches(groups, bs, rng)[::-1]
+                idx = queue.pop()
                 feeds = {k: v.to(device) for k, v in _stack(data, idx, names).items()}
                 y = None if y_all is None else y_all[idx].to(device)
                 t_out = teacher_out(feeds)
@@ -476,7 +497,7 @@ def _check_written(model: onnx.ModelProto, module, samples, names, n: int = 8) -
 
     if not samples:
         return
-    idx = list(range(min(n, len(samples))))
+    idx = _shape_groups(samples, names)[0][:n]
     feeds = _stack(samples, idx, names)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

@@ -184,6 +184,21 @@ def test_minilm_export_matches_torch(minilm_asset, minilm_torch):
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-3)
 
 
+def test_trimmed_sentences_embed_like_padded_ones(minilm_asset):
+    """Cutting the padding (to a multiple of 8 tokens) leaves every embedding unchanged."""
+    sess = _session(minilm_asset.model_path)
+    val = {k: v[:6] for k, v in minilm_asset.load("val").items()}
+    padded = sess.run(None, val)[0]
+    rows = minilm.trim(val)
+    widths = [len(r["input_ids"]) for r in rows]
+    assert all(w % 8 == 0 and w < 64 for w in widths)
+    masks = val["attention_mask"]
+    assert all(r["attention_mask"].sum() == m.sum() for r, m in zip(rows, masks, strict=True))
+    for row, want in zip(rows, padded, strict=True):
+        got = sess.run(None, {k: v[None] for k, v in row.items()})[0][0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
 def test_minilm_evaluator_cosine(minilm_asset):
     val = minilm_asset.load("val")
     batches = [{k: v[i : i + 32] for k, v in val.items()} for i in range(0, 64, 32)]

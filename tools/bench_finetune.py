@@ -9,7 +9,8 @@
   (stage 1, ``idap`` with mean compensation, no budget, as in ``tools/bench_quality.py``):
   mean cosine similarity of the sentence embeddings to the original's on the 256 held-out test
   sentences, before and after distillation (MSE to the original's embeddings) on the 512
-  unlabelled calibration sentences, best epoch on the 256 validation sentences.
+  unlabelled calibration sentences (plus ``--minilm-extra`` docstring sentences), their padding
+  cut (``minilm.trim``), best epoch on the 256 validation sentences.
 
     .venv/bin/python tools/bench_finetune.py [--models digits minilm] [--epochs 5]
 """
@@ -127,7 +128,8 @@ def _rows(arrays: dict, size: int | None = None) -> list[dict]:
     return [{k: v[i : i + size] for k, v in arrays.items()} for i in range(0, n, size)]
 
 
-def minilm(epochs: int, lr: float, calib_n: int, feature_weight: float, extra: int = 0) -> None:
+def minilm(epochs: int, lr: float, calib_n: int, feature_weight: float, extra: int = 0,
+           padded: bool = False, refit: bool = False) -> None:
     import minilm as minilm_tool
     import numpy as np
 
@@ -143,27 +145,31 @@ def minilm(epochs: int, lr: float, calib_n: int, feature_weight: float, extra: i
     test_ev = Evaluator(model, _rows(arrays["test"], 16), metric="cosine")
     calib = _rows({k: v[:calib_n] for k, v in arrays["calib"].items()}, 16)
     cfg = OptimizeConfig(target_flops=0.5, max_drop=1e9, metric="cosine", stages=(1,), p0=0.1,
-                         round_to=1, max_group_ratio=0.9)
+                         round_to=1, max_group_ratio=0.9, refit=refit)
     t0 = time.perf_counter()
     pruned = optimize(model, calib, val_ev, cfg, input_shapes={k: [1, seq] for k in arrays["val"]})
     prune_s = time.perf_counter() - t0
-    ft_cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=16, patience=epochs, threads=2,
+    ft_cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=16, patience=max(epochs, 1), threads=2,
                             feature_weight=feature_weight)
-    train = _rows(arrays["calib"])
+    cut = _rows if padded else minilm_tool.trim  # trim: no work on padding, same embeddings
+    train = cut(arrays["calib"])
     n_extra = 0
     if extra:  # more unlabelled text: standard-library docstrings (never val or test)
         tokenizer = minilm_tool.load_tokenizer(asset.tokenizer_dir)
         more = minilm_tool.tokenize(tokenizer, minilm_tool.docstring_sentences()[:extra],
                                     list(arrays["calib"]))
-        train += _rows({k: np.asarray(v, dtype=np.int64) for k, v in more.items()})
+        train += cut({k: np.asarray(v, dtype=np.int64) for k, v in more.items()})
         n_extra = len(more["input_ids"])
     ft = finetune(pruned.model, model, train, val=_rows(arrays["val"]),
                   config=ft_cfg, progress=True)
     macs = pruned.final["macs"] / pruned.original["macs"]
     before, after = test_ev.evaluate(pruned.model), test_ev.evaluate(ft.model)
     print(f"machine: {_machine().replace('1 torch thread', '2 torch threads')}")
+    tokens = sum(len(s["input_ids"]) for s in train) / len(train)
     print(f"all-MiniLM-L6-v2, MACs kept {100 * macs:.1f} % (pruned in {prune_s:.0f} s, "
-          f"{calib_n} calibration sentences), sequence {seq}")
+          f"{calib_n} calibration sentences{', refit' if refit else ''}), sequence {seq}; "
+          f"training sentences {'padded' if padded else 'trimmed'} to {tokens:.1f} tokens "
+          "on average")
     print(f"test cosine to the original: pruned {before.metric:.4f}, fine-tuned "
           f"{after.metric:.4f} ({epochs} epochs max, lr {lr:g}, best epoch {ft.best_epoch}, "
           f"{ft.seconds:.0f} s, {len(train)} unlabelled sentences ({n_extra} of them "
@@ -186,10 +192,15 @@ def main() -> None:
                     "(tools/minilm.py docstring_sentences)")
     ap.add_argument("--minilm-calib", type=int, default=128,
                     help="calibration sentences for the pruning (of 512)")
+    ap.add_argument("--minilm-padded", action="store_true",
+                    help="train on sentences padded to the full sequence (the rows before "
+                    "trimming); default: padding cut to a multiple of 8 tokens (minilm.trim)")
+    ap.add_argument("--minilm-refit", action="store_true",
+                    help="least-squares refit of the pruned consumers (OptimizeConfig.refit)")
     args = ap.parse_args()
     if "minilm" in args.models:
         minilm(args.epochs, args.minilm_lr, args.minilm_calib, args.minilm_feature_weight,
-               args.minilm_extra)
+               args.minilm_extra, args.minilm_padded, args.minilm_refit)
     if "digits" not in args.models:
         return
     torch.set_num_threads(1)

@@ -193,6 +193,17 @@ def tokenize(tokenizer, sentences, names: list[str], seq_len: int | None = SEQ_L
     return out
 
 
+def trim(feeds: dict[str, np.ndarray], multiple: int = 8) -> list[dict[str, np.ndarray]]:
+    """Per-sentence ``{name: int64 [L_i]}`` with the padding cut: ``L_i`` is the sentence's
+    token count (``attention_mask`` sum) rounded up to ``multiple``, at most the padded length.
+    The embedding does not change (masked positions never reach the real tokens or the mean
+    pool); training on trimmed sentences skips the work on padding (``finetune`` batches
+    sentences of equal length)."""
+    width = feeds["input_ids"].shape[1]
+    lengths = np.minimum(-(-feeds["attention_mask"].sum(1) // multiple) * multiple, width)
+    return [{k: v[i, : int(n)].copy() for k, v in feeds.items()} for i, n in enumerate(lengths)]
+
+
 def export(module, names: list[str], tokenizer, path: Path) -> None:
     """Legacy TorchScript export at opset 17, batch and sequence dynamic."""
     import torch
