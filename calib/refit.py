@@ -25,10 +25,13 @@ Only consumers whose output width is unchanged are refitted, unless ``removal`` 
 removed from ``original``, by ``original``'s group ids) is given: then the kept output channels
 are found through ``original``'s layout keep masks and the target is Y restricted to them.
 
-All layers are refitted at once, each against the pruned model's inputs *before* any refit
-(one pass over the data; the simpler choice: a sequential refit in topological order would
-see the inputs that earlier refits produce, at one pass per layer). A layer keeps its pruned
-weights when the refit does not lower its reconstruction error on the sampled rows.
+Layers are refitted one after another in graph order (``sequential=True``, the default): each
+against the inputs that the refits before it produce, one pass over the data per layer. All at
+once (``sequential=False``: one pass, every layer against the inputs *before* any refit)
+corrects an upstream error twice in a deep stack: a layer learns to undo the error that the
+refit above it then removes (all-MiniLM-L6-v2 pruned to 50 % of its MACs: test cosine 0.675
+pruned, 0.731 refitted at once, 0.829 refitted in sequence). A layer keeps its pruned weights
+when the refit does not lower its reconstruction error on the sampled rows.
 
 Rows: the batches are run through ONNX Runtime batch by batch, both models exposing the
 needed intermediate tensors (graph optimizations off, so the names survive). Each layer
@@ -118,6 +121,7 @@ def refit(
     removal: Mapping[str, Iterable[int]] | None = None,
     device: str = "cpu",
     details: list[LayerRefit] | None = None,
+    sequential: bool = True,
 ) -> onnx.ModelProto:
     """Return a copy of ``pruned`` whose pruned consumers are refitted to ``original``'s
     outputs on ``batches`` (see the module docstring).
@@ -133,6 +137,8 @@ def refit(
             channels were pruned too be refitted (matched through ``original``'s layouts).
         device: ``cpu``, ``cuda`` or ``auto`` for the ONNX Runtime sessions.
         details: when given, one ``LayerRefit`` per candidate consumer is appended.
+        sequential: refit layer by layer on the inputs earlier refits produce (one pass over
+            ``batches`` per layer); False: all layers in one pass (module docstring).
     """
     out = onnx.ModelProto()
     out.CopyFrom(pruned)
@@ -144,12 +150,14 @@ def refit(
         if details is not None:
             details.extend(LayerRefit(lay.node, skipped="no calibration data") for lay in layers)
         return out
-    _accumulate(original, out, layers, feeds, max_rows, seed, device)
     params = Params(out)
-    for lay in layers:
-        info = _solve_and_write(params, lay, ridge)
-        if details is not None:
-            details.append(info)
+    waves = [[lay] for lay in layers] if sequential else [layers]
+    for wave in waves:  # graph order: _plan walks the (topologically sorted) nodes
+        _accumulate(original, out, wave, feeds, max_rows, seed, device)
+        for lay in wave:
+            info = _solve_and_write(params, lay, ridge)
+            if details is not None:
+                details.append(info)
     return finalize(out)
 
 

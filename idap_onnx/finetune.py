@@ -283,7 +283,9 @@ def finetune(
     Args:
         student: The model to train; its graph is kept, only initializer values change.
         teacher: The ORIGINAL unpruned model (same inputs and outputs).
-        data: Training samples ``{input_name: array}`` without the batch dim.
+        data: Training samples ``{input_name: array}`` without the batch dim. Their shapes may
+            differ (text of different lengths, without padding): a batch stacks samples of one
+            shape, and the batches of all shapes are shuffled together each epoch.
         labels: Class index per training sample (adds ``ce_weight * CE`` on output 0).
         val: Validation samples for early stopping and best-state selection (optional).
         val_labels: Class index per validation sample: the validation metric is top-1;

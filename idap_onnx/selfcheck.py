@@ -8,7 +8,7 @@ For one model and seed: pick random prunable groups and random units in each; th
 - blocks: removing a residual block computes what the original computes with that branch's
   output forced to zero (``Mul(f(x), 0)`` inserted before the Add); a removed chain leaves a
   valid model that runs.
-This is what the zoo suite (tests, ``tools/coverage.py``) runs on every architecture.
+This is what the zoo suite (tests, ``tools/zoo_coverage.py``) runs on every architecture.
 """
 
 from __future__ import annotations

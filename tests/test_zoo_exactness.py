@@ -4,7 +4,7 @@ For each model: random units of random prunable groups are zeroed and pruned; ex
 must compute what the zeroed model computes, every pruned graph must pass the checker, run
 in ONNX Runtime with the original inputs/outputs and have the predicted MACs, and removed
 residual blocks must equal the model with that branch forced to zero
-(``idap_onnx.selfcheck``). ``tools/coverage.py`` runs the same over the whole zoo.
+(``idap_onnx.selfcheck``). ``tools/zoo_coverage.py`` runs the same over the whole zoo.
 """
 
 from __future__ import annotations
