@@ -265,17 +265,38 @@ def _plan(
 # -- collecting rows ----------------------------------------------------------------------------
 
 
+def _needed(model: onnx.ModelProto, names: list[str]) -> list[onnx.NodeProto] | None:
+    """The nodes that tensors ``names`` depend on, in graph order; None (all nodes) when one
+    of them has a subgraph (its body may read outer tensors that are not node inputs)."""
+    nodes = model.graph.node
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    need: set[int] = set()
+    stack = list(names)
+    while stack:
+        i = producer.get(stack.pop())
+        if i is None or i in need:
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in nodes[i].attribute):
+            return None
+        need.add(i)
+        stack.extend(t for t in nodes[i].input if t)
+    return [nodes[i] for i in sorted(need)]
+
+
 def _session(model: onnx.ModelProto, names: list[str], device: str) -> ort.InferenceSession:
-    """A session whose outputs add ``names``, built from a temporary file that streams the
-    weights (``model_io.write_variant``): no in-memory copy of the model."""
-    have = {o.name for o in model.graph.output}
-    extra = [name for name in dict.fromkeys(names) if name not in have]
+    """A session whose outputs are ``names``, computing only the nodes they depend on (a
+    sequential refit's early layers need a prefix of the graph), built from a temporary file
+    that streams the weights (``model_io.write_variant``): no in-memory copy of the model."""
+    names = list(dict.fromkeys(names))
+    nodes = _needed(model, names)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="idap-refit-") as tmp:
-        path = write_variant(model, Path(tmp) / "refit.onnx", nodes=model.graph.node,
-                             outputs=extra)
+        path = write_variant(model, Path(tmp) / "refit.onnx",
+                             nodes=model.graph.node if nodes is None else nodes,
+                             outputs=names, only_outputs=True)
         return ort.InferenceSession(str(path), opts, providers=providers(device))
 
 

@@ -496,10 +496,12 @@ def write_variant(
     initializers: Iterable[onnx.TensorProto] = (),
     outputs: Iterable[str] = (),
     inputs: Iterable[onnx.ValueInfoProto] | None = None,
+    only_outputs: bool = False,
 ) -> pathlib.Path:
     """Writes ``model`` with its main graph's node list replaced by ``nodes`` and the given
     ``initializers`` and ``outputs`` added (and its graph inputs replaced by ``inputs`` when
-    given), for an ONNX Runtime session to load from ``path``.
+    given; its graph outputs dropped, so that ``outputs`` are the only ones, with
+    ``only_outputs``), for an ONNX Runtime session to load from ``path``.
 
     The weights are streamed one tensor at a time into ``<path>.data`` (external data, offsets
     aligned for mmap), so peak memory stays the model plus one tensor: no copy of the model,
@@ -513,6 +515,8 @@ def write_variant(
         head = _head(model, nodes, _ExternalWriter(data, location),
                      lambda t: _raw_bytes(t) >= _EXTERNAL_TENSOR_MIN_BYTES, inputs)
     head.graph.initializer.extend(initializers)
+    if only_outputs:
+        del head.graph.output[:]
     head.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
     destination.write_bytes(head.SerializeToString())
     return destination
