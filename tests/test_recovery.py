@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -396,6 +397,33 @@ def test_refit_in_sequence_sees_the_refits_before_it(cnn):
     e_seq, e_once = _err(in_sequence, cnn, held), _err(at_once, cnn, held)
     print(f"held-out: in sequence {e_seq:.4f}, at once {e_once:.4f}")
     assert e_seq < e_once
+
+
+def test_refit_session_runs_only_what_the_pulled_tensors_need(cnn):
+    """A refit pass pulls a few tensors: its session computes their ancestors, nothing after
+    them, and returns exactly those tensors."""
+    from idap_onnx.calib.refit import _needed, _session
+
+    pulled = _node(cnn, MIX).input[0]
+    nodes = _needed(cnn, [pulled])
+    names = [n.name for n in cnn.graph.node]
+    assert [n.name for n in nodes] == names[: len(nodes)] and len(nodes) < len(names)
+    assert pulled in nodes[-1].output
+    sess = _session(cnn, [pulled], "cpu")
+    assert [o.name for o in sess.get_outputs()] == [pulled]
+    feed = _images((16, 3, 16, 16), 1, seed=1)[0]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as refit's
+    full = ort.InferenceSession(_with_output(cnn, pulled).SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(None, feed)[0], full.run([pulled], feed)[0])
+
+
+def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.output.append(onnx.ValueInfoProto(name=name))
+    return out
 
 
 def test_refit_leaves_unpruned_model_alone(mlp):
