@@ -19,7 +19,7 @@ from idap_onnx.calib.refit import LayerRefit, refit
 from idap_onnx.calib.stats import collect, plan_probes
 from idap_onnx.dependency import analyze_model
 from idap_onnx.errors import UsageError
-from idap_onnx.model_io import load_model
+from idap_onnx.model_io import load_model, write_variant
 from idap_onnx.passes.compensate import (
     compensate_means,
     group_signature,
@@ -361,12 +361,18 @@ def test_refit_reduces_error_cnn(cnn):
     assert len(node.input) == 3 and node.input[2]
 
 
-def test_refit_maps_pruned_outputs_with_removal(cnn):
+def _stem_and_mix_pruned(cnn):
+    """Calibration and held-out images, the removal of units of STEM's and MIX's groups, and
+    the plainly pruned model."""
     calib = _images((16, 3, 16, 16), 4, seed=11)
     held = _images((16, 3, 16, 16), 2, seed=12)
     graph = analyze_model(cnn)
     removal = {_group_of(graph, STEM): [0, 6], _group_of(graph, MIX): [2, 3, 8]}
-    plain = prune_channels(cnn, removal, graph=graph)
+    return calib, held, removal, prune_channels(cnn, removal, graph=graph)
+
+
+def test_refit_maps_pruned_outputs_with_removal(cnn):
+    calib, held, removal, plain = _stem_and_mix_pruned(cnn)
     skipped: list[LayerRefit] = []
     refit(cnn, plain, calib, details=skipped)
     assert [(d.node, d.applied) for d in skipped] == [(MIX, False), (HEAD, True)]
@@ -382,11 +388,7 @@ def test_refit_maps_pruned_outputs_with_removal(cnn):
 def test_refit_in_sequence_sees_the_refits_before_it(cnn):
     """Refitted one after another, HEAD is fitted on the inputs that MIX's refit produces: it
     starts from a smaller error than when both are fitted at once, and ends lower too."""
-    calib = _images((16, 3, 16, 16), 4, seed=11)
-    held = _images((16, 3, 16, 16), 2, seed=12)
-    graph = analyze_model(cnn)
-    removal = {_group_of(graph, STEM): [0, 6], _group_of(graph, MIX): [2, 3, 8]}
-    plain = prune_channels(cnn, removal, graph=graph)
+    calib, held, removal, plain = _stem_and_mix_pruned(cnn)
     seq: list[LayerRefit] = []
     once: list[LayerRefit] = []
     in_sequence = refit(cnn, plain, calib, removal=removal, details=seq)
@@ -399,7 +401,7 @@ def test_refit_in_sequence_sees_the_refits_before_it(cnn):
     assert e_seq < e_once
 
 
-def test_refit_session_runs_only_what_the_pulled_tensors_need(cnn):
+def test_refit_session_runs_only_what_the_pulled_tensors_need(cnn, tmp_path):
     """A refit pass pulls a few tensors: its session computes their ancestors, nothing after
     them, and returns exactly those tensors."""
     from idap_onnx.calib.refit import _needed, _session
@@ -414,16 +416,9 @@ def test_refit_session_runs_only_what_the_pulled_tensors_need(cnn):
     feed = _images((16, 3, 16, 16), 1, seed=1)[0]
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as refit's
-    full = ort.InferenceSession(_with_output(cnn, pulled).SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    path = write_variant(cnn, tmp_path / "full.onnx", nodes=cnn.graph.node, outputs=[pulled])
+    full = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(sess.run(None, feed)[0], full.run([pulled], feed)[0])
-
-
-def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    out.graph.output.append(onnx.ValueInfoProto(name=name))
-    return out
 
 
 def test_refit_leaves_unpruned_model_alone(mlp):
