@@ -285,10 +285,10 @@ def _needed(model: onnx.ModelProto, names: list[str]) -> list[onnx.NodeProto] | 
 
 
 def _session(model: onnx.ModelProto, names: list[str], device: str) -> ort.InferenceSession:
-    """A session whose outputs are ``names``, computing only the nodes they depend on (a
-    sequential refit's early layers need a prefix of the graph), built from a temporary file
-    that streams the weights (``model_io.write_variant``): no in-memory copy of the model."""
-    names = list(dict.fromkeys(names))
+    """A session whose outputs are ``names`` (distinct), computing only the nodes they depend
+    on (a sequential refit's early layers need a prefix of the graph), built from a temporary
+    file that streams the weights (``model_io.write_variant``): no in-memory copy of the
+    model."""
     nodes = _needed(model, names)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -312,12 +312,9 @@ def _rows(lay: _Layer, a: np.ndarray, is_input: bool) -> np.ndarray:
 
 
 def _accumulate(original, pruned, layers, feeds, max_rows: int, seed: int, device: str) -> None:
-    sess_x = _session(pruned, [lay.x for lay in layers], device)
-    sess_y = _session(original, [lay.y for lay in layers], device)
-    xs, ys = (
-        list(dict.fromkeys(lay.x for lay in layers)),
-        list(dict.fromkeys(lay.y for lay in layers)),
-    )
+    xs = list(dict.fromkeys(lay.x for lay in layers))
+    ys = list(dict.fromkeys(lay.y for lay in layers))
+    sess_x, sess_y = _session(pruned, xs, device), _session(original, ys, device)
     quota = max(1, math.ceil(max_rows / len(feeds)))
     rng = np.random.default_rng(seed)
     for feed in feeds:
