@@ -35,6 +35,7 @@ from idap_onnx.calib.stats import collect, plan_probes
 from idap_onnx.dependency import DependencyGraph, analyze_model
 from idap_onnx.errors import UsageError
 from idap_onnx.group_costs import predict_macs
+from idap_onnx.latency import BACKENDS
 from idap_onnx.metrics import Evaluator
 from idap_onnx.passes.prune_channels import prune_channels
 from idap_onnx.passes.remove_blocks import remove_blocks
@@ -74,6 +75,9 @@ class OptimizeConfig:
     device: str = "auto"
     finetune: bool = False
     finetune_epochs: int = 1
+    latency: str = "onnxruntime"
+    latency_batch: int = 1
+    latency_fp16: bool = False
 
     def check(self) -> None:
         if self.max_drop is not None and self.max_error is not None:
@@ -88,6 +92,12 @@ class OptimizeConfig:
             raise UsageError(f"finetune_epochs {self.finetune_epochs} must be >= 1")
         if not set(self.stages) <= {1, 2} or not self.stages:
             raise UsageError(f"stages {self.stages}: choose from 1 and 2, e.g. 1,2")
+        if self.latency not in ("off", *BACKENDS):
+            raise UsageError(
+                f"latency '{self.latency}': choose off or one of {', '.join(BACKENDS)}"
+            )
+        if self.latency_batch < 1:
+            raise UsageError(f"latency_batch {self.latency_batch} must be >= 1")
 
 
 @dataclass
@@ -125,6 +135,7 @@ class OptimizeResult:
     block_divergence: dict[str, float] = field(default_factory=dict)
     kept: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
+    latency: dict | None = None  # ``latency.LatencyReport.to_dict()``, set by run_optimize
 
     def to_dict(self) -> dict:
         config = asdict(self.config)
@@ -144,6 +155,7 @@ class OptimizeResult:
             "block_divergence": self.block_divergence,
             "kept": self.kept,
             "seconds": round(self.seconds, 3),
+            "latency": self.latency,
         }
 
 

@@ -2,7 +2,8 @@
 
 ``run_optimize`` loads the model and the data, splits the data into disjoint calibration and
 validation parts (labels are split alike), builds the evaluator (the original model judged on
-the validation part) and runs ``optimize.optimize``. ``write_outputs`` writes the model and
+the validation part) and runs ``optimize.optimize``, then times the result against the original
+(``latency.measure``). ``write_outputs`` writes the model and
 ``report.json`` atomically, then ``report.md`` and its plots. ``sensitivity`` is the
 ``--dry-run``: each group pruned 25/50/75 % alone and each block removed alone.
 """
@@ -25,6 +26,7 @@ from idap_onnx.calib.scores import unit_scores
 from idap_onnx.calib.stats import collect, plan_probes
 from idap_onnx.dependency import analyze_model
 from idap_onnx.errors import UsageError
+from idap_onnx.latency import LatencyUnavailable, example_feed, measure, tensorrt_available
 from idap_onnx.metrics import Evaluator
 from idap_onnx.model_io import load_model, save_model
 from idap_onnx.optimize import OptimizeConfig, OptimizeResult, optimize
@@ -135,7 +137,9 @@ def run_optimize(
     data: DataOptions | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> OptimizeResult:
-    """Prepare the data and run the two stages (``optimize.optimize``)."""
+    """Prepare the data, run the two stages (``optimize.optimize``), then time the
+    optimized model against the original side by side (``latency.measure``, on real input
+    samples; ``config.latency = "off"`` skips it)."""
     config = config or OptimizeConfig()
     data = data or DataOptions()
     config.check()
@@ -149,7 +153,21 @@ def run_optimize(
         data=data,
         seed=config.seed,
     )
-    return optimize(prep.model, prep.calib, prep.evaluator, config, progress=progress)
+    if config.latency == "tensorrt":  # fail before the run, not after it
+        ok, why = tensorrt_available()
+        if not ok:
+            raise LatencyUnavailable(why)
+    result = optimize(prep.model, prep.calib, prep.evaluator, config, progress=progress)
+    if config.latency != "off":
+        result.latency = measure(
+            {"original": prep.model, "optimized": result.model},
+            example_feed(prep.calib, config.latency_batch),
+            backend=config.latency,
+            device=config.device,
+            fp16=config.latency_fp16,
+            progress=progress,
+        ).to_dict()
+    return result
 
 
 def _atomic_text(path: Path, text: str) -> None:

@@ -65,6 +65,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
                 else ("essential" if name in essential else "not tried")
             )
             lines.append(f"| `{name}` | {d:.4f} | {outcome} |")
+    lines += _latency_lines(report.get("latency"), report["settings"].get("round_to", 1))
     lines += [
         "",
         "## Kept output channels per layer",
@@ -76,6 +77,40 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     for kind, name in plots.items():
         lines += ["", f"![{kind}]({name})"]
     return "\n".join(lines) + "\n"
+
+
+def slower_hint(lat: dict | None, round_to: int) -> str | None:
+    """A hint when the optimized model timed slower than the original with odd widths."""
+    if not lat or lat["speedup"].get("optimized", 1.0) >= 1.0 or round_to % 8 == 0:
+        return None
+    return (
+        "the optimized model ran slower than the original here: widths that are not "
+        "multiples of 8 miss fast kernels (ONNX Runtime's NCHWc convolutions, tensor cores); "
+        "try --round-to 8"
+    )
+
+
+def _latency_lines(lat: dict | None, round_to: int = 1) -> list[str]:
+    """The latency table: each model's median and spread, and the speed-up over the original."""
+    if not lat:
+        return []
+    shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in lat["inputs"].items())
+    lines = [
+        "",
+        "## Latency (measured side by side)",
+        "",
+        f"- {lat['device']}; batch {lat['batch']} ({shapes}); {lat['note']}",
+        "",
+        "| model | median ms | p10 ms | p90 ms | runs | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, t in lat["timings"].items():
+        lines.append(
+            f"| {name} | {t['median_ms']:.3f} | {t['p10_ms']:.3f} | {t['p90_ms']:.3f} | "
+            f"{t['runs']} | {lat['speedup'][name]:.2f}x |"
+        )
+    hint = slower_hint(lat, round_to)
+    return lines + (["", f"Hint: {hint}."] if hint else [])
 
 
 def write_plots(report: dict, directory: Path, stem: str) -> dict[str, str]:

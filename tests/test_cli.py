@@ -236,3 +236,31 @@ def test_closed_stdout_pipe_stops_quietly(model_path, tmp_path):
     assert done.stdout.startswith("Model: ")
     assert "Traceback" not in done.stderr and "error" not in done.stderr
     assert json.loads(report.read_text())["schema_version"] == 1
+
+
+def test_latency_times_the_models_in_turns_and_writes_json(tmp_path, capsys):
+    """``idap-onnx latency A --compare B``: one table, the speed-up over A, the same as JSON."""
+    from tools_loader import load_tool
+
+    d = load_tool("digits").build().model_path.parent
+    pruned = tmp_path / "p.onnx"
+    assert main(["prune", str(d / "digits.onnx"), "-o", str(pruned), "--ratio", "0.5"]) == 0
+    capsys.readouterr()
+    argv = ["latency", str(d / "digits.onnx"), "--compare", str(pruned), "--data",
+            str(d / "x_train.npz"), "--rounds", "2", "--runs", "3", "--warmup", "1"]
+    assert main([*argv, "--json", str(tmp_path / "lat.json")]) == 0
+    text = capsys.readouterr().out
+    assert "digits.onnx" in text and "p.onnx" in text and "1.00x" in text
+    report = json.loads((tmp_path / "lat.json").read_text())
+    assert report["command"] == "latency" and report["backend"] == "onnxruntime"
+    assert report["timings"]["p.onnx"]["runs"] == 6 and report["inputs"] == {"x": [1, 1, 8, 8]}
+
+
+def test_latency_of_a_missing_model_is_one_line(tmp_path, capsys):
+    from tools_loader import load_tool
+
+    d = load_tool("digits").build().model_path.parent
+    code = main(["latency", str(d / "digits.onnx"), "--compare", str(tmp_path / "no.onnx")])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("idap-onnx: error:") and "no.onnx" in err[0]

@@ -57,6 +57,8 @@ def test_help_explains_every_flag(capsys):
         "--dry-run",
         "--config",
         "--finetune",
+        "--latency",
+        "--latency-batch",
     ):
         assert flag in text, flag
 
@@ -83,12 +85,22 @@ def test_optimize_writes_model_and_reports(digits_dir, tmp_path, capsys):
     assert report["final"]["macs"] <= 0.5 * report["original"]["macs"] * 1.05
     for suffix in (".report.json", ".report.md", "_metric_vs_macs.png", "_kept_per_layer.png"):
         assert (tmp_path / f"d{suffix}").exists(), suffix
-    assert "PASSED" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "PASSED" in out_text
+    # the result timed against the original, side by side, on a real sample
+    latency = report["latency"]
+    assert latency["backend"] == "onnxruntime" and latency["batch"] == 1
+    assert set(latency["timings"]) == {"original", "optimized"}
+    assert latency["speedup"]["original"] == 1.0
+    assert "latency (onnxruntime" in out_text
+    assert "## Latency (measured side by side)" in (tmp_path / "d.report.md").read_text()
 
 
 def test_config_file_mirrors_flags_and_the_command_line_wins(digits_dir, tmp_path):
     config = tmp_path / "idap.toml"
-    config.write_text('max-drop = 0.5\nsteps = 2\nstages = "1"\ntarget-flops = 0.9\n')
+    config.write_text(
+        'max-drop = 0.5\nsteps = 2\nstages = "1"\ntarget-flops = 0.9\nlatency = "off"\n'
+    )
     out = tmp_path / "c.onnx"
     assert (
         main(
@@ -109,6 +121,7 @@ def test_config_file_mirrors_flags_and_the_command_line_wins(digits_dir, tmp_pat
     settings = json.loads((tmp_path / "c.json").read_text())["settings"]
     assert settings["max_drop"] == 0.5 and settings["stages"] == [1]
     assert settings["steps"] == 3  # given on the command line
+    assert json.loads((tmp_path / "c.json").read_text())["latency"] is None  # latency = "off"
 
 
 def test_dry_run_reports_sensitivity_without_writing_a_model(digits_dir, tmp_path):
@@ -127,6 +140,7 @@ def test_dry_run_reports_sensitivity_without_writing_a_model(digits_dir, tmp_pat
         (["--stages", "3", "-o", "{tmp}/x.onnx"], "stages"),
         (["--labels", "{tmp}/short.npy", "-o", "{tmp}/x.onnx"], "labels have 3 entries"),
         (["--config", "{tmp}/bad.toml", "-o", "{tmp}/x.onnx"], "unknown setting"),
+        (["--latency-batch", "0", "-o", "{tmp}/x.onnx"], "latency_batch 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(digits_dir, tmp_path, capsys, extra, message):
@@ -174,3 +188,17 @@ def test_an_interrupted_run_leaves_no_output_and_exits_non_zero(digits_dir, tmp_
     assert proc.returncode != 0
     assert "interrupted" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_latency_on_tensorrt_without_it_fails_before_the_run(digits_dir, tmp_path, capsys):
+    from idap_onnx.latency import tensorrt_available
+
+    if tensorrt_available()[0]:
+        pytest.skip("TensorRT and a CUDA GPU are present here")
+    out = tmp_path / "t.onnx"
+    assert main([*_base(digits_dir), "--latency", "tensorrt", "-o", str(out)]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert err[-1].startswith("idap-onnx: error:") and "tensorrt" in err[-1]
+    assert "stage 1" not in captured.err  # nothing was optimized first
+    assert not out.exists()

@@ -327,3 +327,35 @@ COMMANDS = (
         _finetune,
     ),
 )
+
+
+def _latency_args(parser: argparse.ArgumentParser) -> None:
+    from idap_onnx.cli import latency_cmd
+
+    latency_cmd.add_arguments(parser)
+
+
+def _latency(args: argparse.Namespace) -> None:
+    from idap_onnx.cli import latency_cmd
+
+    latency_cmd.run(args)
+
+
+COMMANDS = (
+    *COMMANDS,
+    Command(
+        "latency",
+        "time a model and the models it is compared with, side by side",
+        "Time MODEL and each --compare model in turns on the same input samples (ONNX Runtime\n"
+        "with its default optimizations, or TensorRT engines on the GPU) and report each\n"
+        "median and its speed-up over MODEL. Figures are this machine's, now: compare the\n"
+        "ratios of one run, not figures of different runs.\n\n"
+        "examples:\n"
+        "  idap-onnx latency resnet50.onnx --compare resnet50.opt.onnx\n"
+        "  idap-onnx latency cnn.onnx --compare cnn.opt.onnx --data calib.npz --batch 8 "
+        "--json lat.json\n"
+        "  idap-onnx latency bert.onnx --compare bert.opt.onnx --backend tensorrt --fp16",
+        _latency_args,
+        _latency,
+    ),
+)

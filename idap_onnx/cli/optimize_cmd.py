@@ -21,7 +21,7 @@ _KEYS = (
     "seq_len", "target_flops", "target_params", "max_drop", "max_error", "metric", "score",
     "mean_compensation", "refit", "p0", "alpha", "steps", "round_to", "max_group_ratio",
     "ignore", "retries", "stages", "max_blocks", "device", "report_dir", "dry_run", "output",
-    "input_shape", "finetune", "finetune_epochs",
+    "input_shape", "finetune", "finetune_epochs", "latency", "latency_batch", "latency_fp16",
 )  # fmt: skip
 
 
@@ -123,7 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--round-to",
         type=int,
         default=1,
-        help="keep channel counts multiples of N, e.g. 8 for tensor cores (1)",
+        help="keep channel counts multiples of N (1). 8 or 16 for speed: ONNX Runtime's CPU "
+        "convolutions (NCHWc) and tensor cores want such widths, and odd widths can make a "
+        "pruned model slower than the original (docs/BENCHMARKS.md, latency)",
     )
     plan.add_argument(
         "--max-group-ratio",
@@ -162,6 +164,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="epochs of the final fine-tuning with --finetune (1)",
+    )
+    lat = parser.add_argument_group(
+        "latency (measured after the run: the original and the result, side by side)"
+    )
+    lat.add_argument(
+        "--latency",
+        choices=("onnxruntime", "tensorrt", "off"),
+        default="onnxruntime",
+        help="onnxruntime: default session optimizations on the --device provider; "
+        "tensorrt: each model built into a TensorRT engine on the GPU (needs the tensorrt "
+        "package and CUDA); off: skip (default: onnxruntime)",
+    )
+    lat.add_argument(
+        "--latency-batch",
+        metavar="N",
+        type=int,
+        default=1,
+        help="samples per timed inference, taken from the calibration data (1)",
+    )
+    lat.add_argument(
+        "--latency-fp16",
+        action="store_true",
+        help="build the TensorRT engines with FP16 enabled",
     )
     run = parser.add_argument_group("run")
     run.add_argument(
@@ -245,12 +270,16 @@ def _config(args: argparse.Namespace):
         device=args.device,
         finetune=bool(args.finetune),
         finetune_epochs=args.finetune_epochs,
+        latency=args.latency,
+        latency_batch=args.latency_batch,
+        latency_fp16=bool(args.latency_fp16),
     )
 
 
 def run(args: argparse.Namespace) -> None:
     from idap_onnx import optimize_api
     from idap_onnx.accounting import format_count
+    from idap_onnx.optimize_report import slower_hint
 
     apply_config(args)
     config = _config(args)
@@ -321,5 +350,16 @@ def run(args: argparse.Namespace) -> None:
         f"{result.metric_name}: {o['metric']:.4f} -> {f['metric']:.4f} "
         f"(drop {f['drop']:.4f}); blocks removed: {len(result.removed_blocks)}"
     )
+    if result.latency:
+        lat = result.latency
+        t0, t1 = lat["timings"]["original"], lat["timings"]["optimized"]
+        print(
+            f"latency ({lat['device']}, batch {lat['batch']}): {t0['median_ms']:.3f} ms -> "
+            f"{t1['median_ms']:.3f} ms ({lat['speedup']['optimized']:.2f}x), median of "
+            f"{t1['runs']} runs each, measured in turns"
+        )
+        hint = slower_hint(lat, config.round_to)
+        if hint:
+            say(f"hint: {hint}")
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")

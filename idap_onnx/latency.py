@@ -1,0 +1,318 @@
+"""Latency of an optimized model next to its original, measured side by side.
+
+Backends:
+
+- ``onnxruntime``: an ``InferenceSession`` with ONNX Runtime's default optimizations
+  (``ORT_ENABLE_ALL``, what a user deploys) on the CUDA provider when ONNX Runtime has it,
+  else the CPU provider (``device`` overrides); wall time of ``session.run``, which includes
+  the copies of inputs and outputs between host and device.
+- ``tensorrt``: each model parsed by TensorRT's ONNX parser and built into an engine (FP32, or
+  FP16 with ``fp16=True``; dynamic input dims fixed to the feed's shape by one optimization
+  profile), run with ``execute_async_v3`` on a CUDA stream and timed with CUDA events around
+  the enqueue alone: inputs stay on the GPU, as in a deployed pipeline. Needs the
+  ``tensorrt`` package and torch with CUDA (for the device buffers and the stream); where
+  either is missing, :class:`LatencyUnavailable` says which.
+
+Side by side: the models take turns, ``rounds`` times, each turn ``per_round`` timed runs
+after ``warmup`` untimed ones (first turn only), so a drift of the machine (other load, clock
+changes) reaches every model alike. A model's figure is the median of its runs; the
+speed-up is ``median(original) / median(other)``. ``max_seconds`` ends the rounds early (after
+the first) on slow models. Latency figures are measurements of this machine at this time:
+compare ratios from one call, not figures from different calls.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from idap_onnx.errors import IdapError
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+class LatencyUnavailable(IdapError):
+    """The requested backend cannot run here (package or device missing)."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One model's timed runs, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+    @staticmethod
+    def of(samples_ms: list[float]) -> Timing:
+        a = np.asarray(samples_ms, dtype=np.float64)
+        return Timing(
+            round(float(np.median(a)), 4),
+            round(float(np.percentile(a, 10)), 4),
+            round(float(np.percentile(a, 90)), 4),
+            len(a),
+        )
+
+
+@dataclass
+class LatencyReport:
+    """What :func:`measure` found; ``speedup[name] = median(first) / median(name)``."""
+
+    backend: str
+    device: str
+    batch: int
+    inputs: dict[str, list[int]]
+    timings: dict[str, Timing] = field(default_factory=dict)
+    speedup: dict[str, float] = field(default_factory=dict)
+    rounds: int = 0
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["timings"] = {k: asdict(v) for k, v in self.timings.items()}
+        return out
+
+
+def example_feed(
+    batches: list[Mapping[str, np.ndarray]], batch: int = 1
+) -> dict[str, np.ndarray]:
+    """The first ``batch`` samples (axis 0) of real data, taken from the batches in order."""
+    taken: dict[str, list[np.ndarray]] = {}
+    count = 0
+    for b in batches:
+        if count >= batch:
+            break
+        if taken and {k: v[0].shape[1:] for k, v in taken.items()} != {
+            k: np.asarray(v).shape[1:] for k, v in b.items()
+        }:
+            break  # samples of another shape (text of another length): stop here
+        n = min(batch - count, len(next(iter(b.values()))))
+        for name, a in b.items():
+            taken.setdefault(name, []).append(np.asarray(a)[:n])
+        count += n
+    if count < batch:
+        raise IdapError(
+            f"latency batch {batch} needs {batch} samples of one shape; the data has {count}"
+        )
+    return {name: np.ascontiguousarray(np.concatenate(parts)) for name, parts in taken.items()}
+
+
+def measure(
+    models: Mapping[str, onnx.ModelProto | str | os.PathLike],
+    feed: Mapping[str, np.ndarray],
+    *,
+    backend: str = "onnxruntime",
+    device: str = "auto",
+    rounds: int = 5,
+    per_round: int = 10,
+    warmup: int = 3,
+    max_seconds: float = 30.0,
+    fp16: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> LatencyReport:
+    """Time each model on ``feed``, taking turns (module docstring); the first model is the
+    reference of the speed-ups."""
+    if backend not in BACKENDS:
+        raise IdapError(f"unknown latency backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if not models:
+        raise IdapError("latency needs at least one model")
+    if rounds < 1 or per_round < 1 or warmup < 0:
+        raise IdapError("latency: rounds and runs per round must be >= 1, warm-up >= 0")
+    feed = {k: np.ascontiguousarray(v) for k, v in feed.items()}
+    batch = int(next(iter(feed.values())).shape[0]) if feed else 1
+    with tempfile.TemporaryDirectory(prefix="idap-latency-") as tmp:
+        runners: dict[str, _Runner] = {}
+        for i, (name, model) in enumerate(models.items()):
+            path = _as_file(model, Path(tmp) / f"m{i}.onnx")
+            if backend == "onnxruntime":
+                runners[name] = _OrtRunner(path, feed, device)
+            else:
+                runners[name] = _TensorRTRunner(path, feed, fp16)
+            if progress:
+                progress(f"latency: {name} ready on {runners[name].device}")
+        samples: dict[str, list[float]] = {name: [] for name in runners}
+        start = time.perf_counter()
+        done = 0
+        for r in range(rounds):
+            for name, runner in runners.items():
+                if r == 0:
+                    _first_run(name, runner, batch, warmup)
+                samples[name] += [runner.run() for _ in range(per_round)]
+            done = r + 1
+            if time.perf_counter() - start > max_seconds:
+                break
+        devices = {runner.device for runner in runners.values()}
+        for runner in runners.values():
+            runner.close()
+    report = LatencyReport(
+        backend=backend,
+        device=", ".join(sorted(devices)),
+        batch=batch,
+        inputs={k: list(v.shape) for k, v in feed.items()},
+        rounds=done,
+        note="median of the timed runs; models measured in turns in one call"
+        + (f"; stopped after {done} of {rounds} rounds (max_seconds {max_seconds:g})"
+           if done < rounds else ""),
+    )
+    report.timings = {name: Timing.of(s) for name, s in samples.items()}
+    first = next(iter(report.timings.values())).median_ms
+    report.speedup = {
+        name: round(first / t.median_ms, 4) if t.median_ms > 0 else float("nan")
+        for name, t in report.timings.items()
+    }
+    return report
+
+
+def _first_run(name: str, runner: _Runner, batch: int, warmup: int) -> None:
+    """The warm-up runs; a model that cannot run on the feed is the user's error, in one line."""
+    try:
+        for _ in range(max(warmup, 1)):
+            runner.run()
+    except IdapError:
+        raise
+    except Exception as exc:  # ONNX Runtime / TensorRT raise their own types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise IdapError(
+            f"latency: {name} does not run on the {batch}-sample feed ({first}); "
+            "a model with a fixed batch size needs --latency-batch equal to it"
+        ) from exc
+
+
+def _as_file(model: onnx.ModelProto | str | os.PathLike, path: Path) -> Path:
+    """A model file both backends can open: the given path, or ``model`` written with its
+    weights as external data (``model_io.write_variant``: no serialized copy in memory)."""
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model)
+    from idap_onnx.model_io import write_variant
+
+    return write_variant(model, path, nodes=model.graph.node)
+
+
+class _Runner:
+    device = ""
+
+    def run(self) -> float:
+        """One inference; its time in milliseconds."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _OrtRunner(_Runner):
+    def __init__(self, path: Path, feed: Mapping[str, np.ndarray], device: str) -> None:
+        import onnxruntime as ort
+
+        from idap_onnx.calib.stats import providers
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=providers(device))
+        self.device = f"onnxruntime {self.session.get_providers()[0]}"
+        wanted = {i.name for i in self.session.get_inputs()}
+        missing = wanted - set(feed)
+        if missing:
+            raise IdapError(f"latency: the feed lacks input(s) {', '.join(sorted(missing))}")
+        self.feed = {k: v for k, v in feed.items() if k in wanted}
+
+    def run(self) -> float:
+        t = time.perf_counter()
+        self.session.run(None, self.feed)
+        return (time.perf_counter() - t) * 1e3
+
+
+class _TensorRTRunner(_Runner):
+    """An engine built from the ONNX file (TensorRT 10 Python API: named I/O tensors,
+    ``build_serialized_network``, ``execute_async_v3``)."""
+
+    def __init__(self, path: Path, feed: Mapping[str, np.ndarray], fp16: bool) -> None:
+        trt, torch = _tensorrt_modules()
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise IdapError(f"TensorRT cannot parse {path.name}: {errors}")
+        config = builder.create_builder_config()
+        if fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            if tensor.name not in feed:
+                raise IdapError(f"latency: the feed lacks input {tensor.name}")
+            shape = tuple(int(d) for d in feed[tensor.name].shape)
+            profile.set_shape(tensor.name, shape, shape, shape)
+        config.add_optimization_profile(profile)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise IdapError(f"TensorRT could not build an engine for {path.name}")
+        self.runtime = trt.Runtime(logger)
+        self.engine = self.runtime.deserialize_cuda_engine(serialized)
+        self.context = self.engine.create_execution_context()
+        self.torch = torch
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.buffers = []
+        for name in inputs:  # every input shape first: output shapes depend on them
+            host = feed[name].astype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            self.context.set_input_shape(name, host.shape)
+            self.buffers.append(torch.from_numpy(np.ascontiguousarray(host)).cuda())
+            self.context.set_tensor_address(name, self.buffers[-1].data_ptr())
+        for name in names:
+            if name in inputs:
+                continue
+            dtype = torch.from_numpy(np.zeros(0, trt.nptype(self.engine.get_tensor_dtype(name))))
+            shape = tuple(self.context.get_tensor_shape(name))
+            self.buffers.append(torch.empty(shape, dtype=dtype.dtype, device="cuda"))
+            self.context.set_tensor_address(name, self.buffers[-1].data_ptr())
+        self.stream = torch.cuda.Stream()
+        self.device = f"tensorrt {torch.cuda.get_device_name()}" + (" fp16" if fp16 else "")
+
+    def run(self) -> float:
+        start = self.torch.cuda.Event(enable_timing=True)
+        end = self.torch.cuda.Event(enable_timing=True)
+        start.record(self.stream)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise IdapError("TensorRT execute_async_v3 failed")
+        end.record(self.stream)
+        end.synchronize()
+        return float(start.elapsed_time(end))
+
+    def close(self) -> None:
+        self.buffers.clear()
+
+
+def _tensorrt_modules():
+    """``tensorrt`` and ``torch`` with CUDA, or :class:`LatencyUnavailable` saying which is
+    missing."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise LatencyUnavailable(
+            "the TensorRT backend needs the 'tensorrt' Python package, which is not "
+            "installed here; use --latency onnxruntime"
+        ) from exc
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LatencyUnavailable("the TensorRT backend needs a CUDA GPU; torch sees none here")
+    return trt, torch
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """(True, "") when the TensorRT backend can run here, else (False, the reason)."""
+    try:
+        _tensorrt_modules()
+    except LatencyUnavailable as exc:
+        return False, str(exc)
+    return True, ""
