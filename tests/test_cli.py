@@ -264,3 +264,22 @@ def test_latency_of_a_missing_model_is_one_line(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("idap-onnx: error:") and "no.onnx" in err[0]
+
+
+def test_a_library_warning_is_one_line_on_stderr(tmp_path):
+    """Synthetic data warns as ``idap-onnx: warning: ...`` on one line, no Python source line."""
+    from tools_loader import load_tool
+
+    d = load_tool("digits").build().model_path.parent
+    exe = pathlib.Path(sys.executable).with_name("idap-onnx")
+    done = subprocess.run(
+        [str(exe), "score", str(d / "digits.onnx"), "--calib", "random", "--num-random", "16",
+         "--top", "1", "--json", str(tmp_path / "s.json")],
+        capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "synthetic" in line]
+    assert warned == [
+        "idap-onnx: warning: random calibration data is synthetic: use it for smoke tests only"
+    ]
+    assert "load_data(" not in done.stderr

@@ -213,7 +213,7 @@ def test_cli_reads_an_image_folder_and_random_data_warns_once(capsys, resnet, tm
     code, out, err = _run(capsys, "score", resnet, "--calib", "random", "--num-random", "8")
     assert code == 0
     assert err.strip().splitlines() == [
-        "idap-onnx: WARNING: random calibration data is synthetic: use it for smoke tests only"]
+        "idap-onnx: warning: random calibration data is synthetic: use it for smoke tests only"]
 
 
 def _image_folder(tmp_path: Path, n: int, broken: bool = False) -> Path:

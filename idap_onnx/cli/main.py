@@ -11,11 +11,13 @@ early (``| head``) the run stops quietly with 141, after writing its files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 
 from idap_onnx.cli import args as shared
@@ -76,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = sys.stderr if json_on_stdout else sys.stdout
     started = time.perf_counter()
     try:
-        args.run(args)
+        with _one_line_warnings():
+            args.run(args)
         print(f"PASSED ({time.perf_counter() - started:.1f}s)", file=status, flush=True)
     except BrokenPipeError:  # stdout closed early (`| head`): outputs are written; stop quietly
         _silence_stdout()
@@ -90,6 +93,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"FAILED ({time.perf_counter() - started:.1f}s)", file=status, flush=True)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Library warnings (synthetic data, skipped steps) print as ``idap-onnx: warning: ...``,
+    one line each, not Python's two-line form with the source line that raised them."""
+    saved = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_args, **_kw: (
+        f"{PROG}: warning: {' '.join(str(message).split())}\n"
+    )
+    try:
+        yield
+    finally:
+        warnings.formatwarning = saved
 
 
 def _silence_stdout() -> None:
@@ -126,11 +143,19 @@ class _StderrHandler(logging.Handler):
         sys.stderr.write(self.format(record) + "\n")
 
 
+class _LowerLevelFormatter(logging.Formatter):
+    """``idap-onnx: warning: ...``, lower case like ``error:`` and Python's own warnings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()})
+        return super().format(record)
+
+
 def _configure_logging(verbose: bool) -> None:
     logger = logging.getLogger("idap_onnx")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+        handler.setFormatter(_LowerLevelFormatter(f"{PROG}: %(levelname)s: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
