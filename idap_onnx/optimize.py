@@ -286,12 +286,14 @@ def _finetuned(candidate, teacher, calib, config, epochs, say):
         return candidate
     from idap_onnx.errors import UnsupportedModelError
     from idap_onnx.finetune import FinetuneConfig, finetune
+    from idap_onnx.padding import trim_padding
 
     samples = [
         {k: v[i] for k, v in batch.items()}
         for batch in calib
         for i in range(len(next(iter(batch.values()))))
     ]
+    samples, _ = trim_padding(samples, teacher)  # text: cut where the teacher ignores it
     cfg = FinetuneConfig(epochs=epochs, seed=config.seed, patience=epochs)
     try:
         out = finetune(candidate, teacher, samples, config=cfg)

@@ -101,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     train.add_argument("--threads", metavar="N", type=int, default=1, help="torch CPU threads (1)")
     train.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    train.add_argument(
+        "--keep-padding",
+        action="store_true",
+        help="train on text padded to --seq-len; by default each sentence is cut to its "
+        "length (rounded up to 8) when the teacher's outputs are shown not to change",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -111,6 +117,7 @@ def run(args: argparse.Namespace) -> None:
     from idap_onnx.finetune import FinetuneConfig, finetune
     from idap_onnx.model_io import load_model, save_model
     from idap_onnx.optimize_api import _read_labels
+    from idap_onnx.padding import trim_padding
     from idap_onnx.torch_graph import unsupported_ops
 
     shared.check_paths(args)
@@ -154,6 +161,12 @@ def run(args: argparse.Namespace) -> None:
     if labels is not None:
         tr_labels = np.asarray(labels)[train.indices]
         va_labels = np.asarray(labels)[val.indices] if len(val) else None
+    if not args.keep_padding:
+        train_samples, note = trim_padding(train_samples, teacher)
+        if val_samples and note.startswith("padding cut"):
+            val_samples, _ = trim_padding(val_samples, teacher)
+        if note.startswith("padding"):
+            print(note, file=sys.stderr, flush=True)
     print(
         f"fine-tuning on {len(train_samples)} samples, validating on {len(val_samples)}",
         file=sys.stderr,
