@@ -194,6 +194,7 @@ def run_variant(
     log: Callable[[str], None],
     oneshot: bool = False,
     steps: int = STEPS,
+    round_to: int = ROUND_TO,
 ) -> dict:
     """One ``optimize`` run; the row's numbers. ``oneshot``: T = 1 step (the whole removal
     ranked on the original model's statistics, shrunk by ``optimize`` to land on the target)."""
@@ -209,7 +210,7 @@ def run_variant(
         p0=ONESHOT_P0 if oneshot else p0,
         alpha=ALPHA,
         steps=1 if oneshot else steps,
-        round_to=ROUND_TO,
+        round_to=round_to,
         max_group_ratio=MAX_GROUP_RATIO,
         stages=(1,),
         seed=seed,
@@ -335,7 +336,9 @@ def sweep_steps(task: Task, targets, scores, seeds, steps_list, log) -> str:
     return "\n".join(lines) + "\n"
 
 
-def model_seeds(targets, scores, seeds, model_seeds, batch: int, p0: float, log) -> str:
+def model_seeds(
+    targets, scores, seeds, model_seeds, batch: int, p0: float, log, round_to: int = ROUND_TO
+) -> str:
     """Diagnostic: the digits comparison (MC on, the benchmark's schedule) repeated on CNNs
     trained with each of ``model_seeds`` (each its own split and initialization); a markdown
     table per target of the test metric per trained model, the mean, and ``idap``'s lead over
@@ -350,7 +353,8 @@ def model_seeds(targets, scores, seeds, model_seeds, batch: int, p0: float, log)
         originals.append(test_ev.original_metric)
         for target in targets:
             for score in scores:
-                runs = [run_variant(task, target, score, True, seed, p0, (val_ev, test_ev), log)
+                runs = [run_variant(task, target, score, True, seed, p0, (val_ev, test_ev), log,
+                                    round_to=round_to)
                         for seed in (seeds if score == "random" else (0,))]
                 tests.setdefault((target, score), []).append(
                     float(np.mean([r["test"] for r in runs])))
@@ -359,8 +363,9 @@ def model_seeds(targets, scores, seeds, model_seeds, batch: int, p0: float, log)
     lines = ["Original test top-1 per model seed: "
              + ", ".join(f"{100 * o:.2f}" for o in originals), ""]
     for target in targets:
-        lines += [f"MACs target {100 * target:g} % kept (test top-1 %, MC on; random: mean of "
-                  f"{len(seeds)} seeds):", "",
+        rounding = "" if round_to == 1 else f", widths rounded to {round_to}"
+        lines += [f"MACs target {100 * target:g} % kept (test top-1 %, MC on{rounding}; "
+                  f"random: mean of {len(seeds)} seeds):", "",
                   f"| score | {head} | mean | idap lead (mean) |",
                   "|---|" + "---|" * (len(model_seeds) + 2)]
         idap = np.mean(tests.get((target, "idap"), [np.nan]))
@@ -627,6 +632,12 @@ def main(argv: list[str] | None = None) -> int:
         help="diagnostic instead of the benchmark: repeat the digits comparison (--scores, "
         "MC on) on CNNs trained with these seeds and print a table to stdout",
     )
+    parser.add_argument(
+        "--round-to",
+        type=int,
+        default=ROUND_TO,
+        help=f"kept widths rounded to multiples of N, for --model-seeds only ({ROUND_TO})",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument(
         "--minilm-calib", type=int, default=128, help="MiniLM calibration sentences (of 512)"
@@ -665,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.model_seeds:
         print(model_seeds(args.targets, args.scores, args.seeds, args.model_seeds, args.batch,
-                          DEFAULT_P0["digits"], log))
+                          DEFAULT_P0["digits"], log, round_to=args.round_to))
         return 0
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
