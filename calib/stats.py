@@ -6,7 +6,10 @@ output energies of the consumers, per-sample norms of block inputs/outputs. Sess
 the fusions that keep every probed tensor (see ``_session``). Each reduction runs in float32
 within a sample (no probed activation is copied), its small partial result in float64 across
 the batch, and batches accumulate in float64, so memory does not grow with the number of
-samples or with activation sizes.
+samples or with activation sizes. Image tensors of a model with static image sizes are
+reduced per image and channel by ``GlobalAveragePool`` (``pooled``), which lets the
+convolutions run in ONNX Runtime's NCHWc layout as in plain inference; other tensors are
+reduced over one axis first (image rows, token features).
 
 What is measured (see ``calib.scores`` for the formulas that use it):
 
@@ -65,6 +68,17 @@ class ProbePlan:
     batch_axis: dict[str, int | None] = field(default_factory=dict)
     block_shape: dict[str, tuple] = field(default_factory=dict)  # of the block's output
     flow: dict[str, str] = field(default_factory=dict)  # consumer output -> its flow tensor
+    pooled: bool = False  # 4-D tensors reduced by GlobalAveragePool (see ``pooled``)
+
+
+def pooled(plan: ProbePlan, shape: tuple, axis: int = 1) -> bool:
+    """Whether a probe on a tensor of ``shape`` reduces its image positions with
+    ``GlobalAveragePool``: a 4-D NCHW tensor (channel axis 1) in a model whose inputs have
+    static non-batch dims (``plan.pooled``), so its H x W is the analysis shape's at run time.
+    ONNX Runtime keeps ``GlobalAveragePool`` and ``Mul`` in its NCHWc layout, so such probes
+    let the convolutions run in it (see ``_session``)."""
+    return (plan.pooled and len(shape) == 4 and axis == 1
+            and all(isinstance(d, int) and d > 0 for d in shape[2:]))
 
 
 @dataclass
@@ -82,6 +96,7 @@ class CalibStats:
     block_diff: dict[str, float] = field(default_factory=dict)
     block_out: dict[str, float] = field(default_factory=dict)
     provider: str = "CPUExecutionProvider"
+    nchwc_nodes: int = 0  # ops the session runs in ONNX Runtime's NCHWc layout (``_session``)
 
     def mean(self, tensor: str) -> np.ndarray:
         return self.channel_sum[tensor] / max(self.channel_count[tensor], 1.0)
@@ -146,6 +161,7 @@ def plan_probes(
         if "wanda" in scores and x_shape is not None and x not in plan.channels:
             axis = len(x_shape) - 1 if node.op_type == "MatMul" else 1
             plan.channels[x] = ChannelProbe(x, axis, tuple(x_shape))
+    plan.pooled = _static_inputs(graph.model)
     for block in blocks:
         plan.blocks[block.name] = block
         shape = index.shape(block.output)
@@ -154,18 +170,32 @@ def plan_probes(
     return plan
 
 
+def _static_inputs(model: onnx.ModelProto) -> bool:
+    """Every graph input (not an initializer) declares static dims after the batch dim."""
+    inits = {i.name for i in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if not dims or any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims[1:]):
+            return False
+    return True
+
+
 class _Builder:
     """Appends reduction nodes in two stages, the precision/cost trade-off of the pass: over
     the innermost reduced axis (image rows' pixels, a token's features; never the batch) in
     float32, so no probed activation is copied; then the partial result, smaller by that
     axis's length, is cast to float64 and reduced over the rest. Batches accumulate in
     float64. The float32 stage sums at most that axis's length n of terms, so its relative
-    error is below n * 2**-24 (``resolution``)."""
+    error is below n * 2**-24 (``resolution``). Pooled probes (``pooled``) make the float32
+    stage one image's channel (n = H x W) with ``GlobalAveragePool``."""
 
     def __init__(self, opset: int) -> None:
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
+        self.squares: dict[str, str] = {}
 
     def node(self, op: str, inputs: list[str], out: str, **attrs) -> str:
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
@@ -199,6 +229,24 @@ class _Builder:
         return self.node("Identity", [cast], out)
 
 
+    def square(self, x: str) -> str:
+        """``x * x``, made once per tensor."""
+        if x not in self.squares:
+            self.squares[x] = self.node("Mul", [x, x], f"idap::sq::{x}")
+        return self.squares[x]
+
+    def pooled(self, x: str, hw: int, axes: list[int], out: str) -> str:
+        """``sum`` of float32 NCHW ``x`` over its image positions and ``axes`` of the pooled
+        ``[N, C, 1, 1]``: ``GlobalAveragePool`` (the mean of each image's channel, float32),
+        cast to float64, summed over ``axes`` and times ``hw`` (H x W)."""
+        mean = self.node("GlobalAveragePool", [x], f"{out}::gap")
+        cast = self.node("Cast", [mean], f"{out}::f64", to=TensorProto.DOUBLE)
+        total = self.reduce("ReduceSum", cast, axes, f"{out}::sum")
+        name = f"{out}::hw"
+        self.inits.append(helper.make_tensor(name, TensorProto.DOUBLE, [], [float(hw)]))
+        return self.node("Mul", [total, name], out)
+
+
 def resolution(shape: tuple, keep: set[int]) -> float:
     """``3 n 2**-24``: bounds the float32 stage's relative error in a variance
     ``E[a^2] - mu^2`` (n terms per float32 partial sum, see ``_Builder``; 1024 if unknown)."""
@@ -222,6 +270,16 @@ def augment(model: onnx.ModelProto, plan: ProbePlan) -> tuple[list[onnx.NodeProt
     b = _Builder(opset)
     outputs: list[str] = []
     for t, p in plan.channels.items():
+        if pooled(plan, p.shape, p.axis):
+            hw = p.shape[2] * p.shape[3]
+            outputs.append(b.pooled(t, hw, [0, 2, 3], f"idap::sum::{t}"))
+            outputs.append(b.pooled(b.square(t), hw, [0, 2, 3], f"idap::sumsq::{t}"))
+            # N C H W from the pooled tensor: Size of the probed one would copy it out of NCHWc
+            size = b.node("Size", [f"idap::sum::{t}::gap"], f"idap::size::{t}::nc")
+            name = f"idap::size::{t}::hw"
+            b.inits.append(helper.make_tensor(name, TensorProto.INT64, [], [hw]))
+            outputs.append(b.node("Mul", [size, name], f"idap::size::{t}"))
+            continue
         for op, key in (("ReduceSum", "sum"), ("ReduceSumSquare", "sumsq")):
             outputs.append(b.total(op, t, p.shape, {p.axis}, f"idap::{key}::{t}"))
         outputs.append(b.node("Size", [t], f"idap::size::{t}"))
@@ -240,7 +298,10 @@ def augment(model: onnx.ModelProto, plan: ProbePlan) -> tuple[list[onnx.NodeProt
         for src, key in ((diff, "bdiff"), (block.output, "bout")):
             name = f"idap::{key}::{bname}"
             if per_sample:
-                if src not in per_sample_sq:
+                if src not in per_sample_sq and pooled(plan, shape):
+                    per_sample_sq[src] = b.pooled(b.square(src), shape[2] * shape[3], [1, 2, 3],
+                                                  f"{name}::sq")
+                elif src not in per_sample_sq:
                     per_sample_sq[src] = b.total("ReduceSumSquare", src, shape, {0},
                                                  f"{name}::sq")
                 norms = b.node("Sqrt", [per_sample_sq[src]], f"{name}::norms")
@@ -250,8 +311,11 @@ def augment(model: onnx.ModelProto, plan: ProbePlan) -> tuple[list[onnx.NodeProt
                 outputs.append(b.node("Sqrt", [sq], name))
     for y in sorted(plan.energies):
         name = f"idap::energy::{y}"
+        shape = plan.energies[y]
         if y in per_sample_sq:  # a block output: its per-sample squares are there already
             outputs.append(b.reduce("ReduceSum", per_sample_sq[y], [0], name))
+        elif pooled(plan, shape):
+            outputs.append(b.pooled(b.square(y), shape[2] * shape[3], [0, 1, 2, 3], name))
         else:
             outputs.append(b.total("ReduceSumSquare", y, plan.energies[y], set(), name))
     consts = {i.name for i in b.inits}
@@ -312,9 +376,13 @@ def collect(
     total: int | None = None,
 ) -> CalibStats:
     """Run the augmented model over ``batches`` and accumulate the statistics."""
-    sess, names = _session(model, plan, device)
-    stats = CalibStats(provider=sess.get_providers()[0])
-    stats.resolution = {t: resolution(p.shape, {p.axis}) for t, p in plan.channels.items()}
+    sess, names, nchwc = _session(model, plan, device)
+    stats = CalibStats(provider=sess.get_providers()[0], nchwc_nodes=nchwc)
+    stats.resolution = {
+        t: (3.0 * p.shape[2] * p.shape[3] * 2.0**-24 if pooled(plan, p.shape, p.axis)
+            else resolution(p.shape, {p.axis}))
+        for t, p in plan.channels.items()
+    }
     stats.flow = dict(plan.flow)
     iterator = batches
     bar = None
@@ -337,27 +405,86 @@ def collect(
 def _session(model: onnx.ModelProto, plan: ProbePlan, device: str):
     """An ONNX Runtime session of the augmented model. It is written to a temporary file with
     its weights as external data (``model_io.write_variant``), so building it holds neither a
-    copy of the model nor its serialized bytes. Optimizations run up to the extended level:
-    a fusion never removes a tensor another node reads, so every probed name survives, and
-    the probes' own outputs are graph outputs (the layout level, ``ORT_ENABLE_ALL``, would
-    convert convolutions to NCHWc and reorder every probed tensor back: 3x the memory).
-    Priority-based order runs each probe right after its producer (see ``_interleave``).
-    The memory pattern (one block planned for all of a run's activations) is off: with the
-    probes' many small outputs it costs ~100 MiB on ResNet-50 (``tools/bench_calib.py``)."""
+    copy of the model nor its serialized bytes. Priority-based order runs each probe right
+    after its producer (see ``_interleave``). The memory pattern (one block planned for all of
+    a run's activations) is off: with the probes' many small outputs it costs ~100 MiB on
+    ResNet-50 (``tools/bench_calib.py``).
+
+    Optimization level: a fusion never removes a tensor another node reads, so every probed
+    name survives any level. With pooled probes on the CPU (``pooled``) the session runs at
+    ``ORT_ENABLE_ALL``: convolutions in ONNX Runtime's NCHWc layout, which ``Mul`` and
+    ``GlobalAveragePool`` keep, so only the small pooled results are reordered back. ONNX
+    Runtime appends the nodes it creates there, and priority-based order would then run them
+    after the whole network, holding every probed tensor; so the optimized graph is saved
+    (weights external), its nodes put back in probe-after-producer order (``_reordered``), and
+    that file is loaded with optimizations off. Otherwise the level is
+    ``ORT_ENABLE_EXTENDED`` (the NCHWc level would reorder every probed tensor back: 3x the
+    memory)."""
     _trim_heap()
     nodes, inits, names = augment(model, plan)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    opts.enable_mem_pattern = False
-    opts.log_severity_level = 3
+    use = providers(device)
+    layout = use[0] == "CPUExecutionProvider" and any(n.op_type == "GlobalAveragePool"
+                                                       and n.name.startswith("idap::")
+                                                       for n in nodes)
     with tempfile.TemporaryDirectory(prefix="idap-calib-") as tmp:
         path = write_variant(model, Path(tmp) / "calib.onnx", nodes=nodes, initializers=inits,
                              outputs=names)
         del nodes, inits
         _trim_heap()
-        sess = ort.InferenceSession(str(path), opts, providers=providers(device))
-    return sess, names
+        if layout:
+            saved = Path(tmp) / "layout.onnx"
+            opts = _options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+            opts.optimized_model_filepath = str(saved)
+            opts.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", "layout.onnx.data")
+            opts.add_session_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            ort.InferenceSession(str(path), opts, providers=use)  # writes ``saved``; freed
+            _trim_heap()
+            path, nchwc = _reordered(saved, [o.name for o in model.graph.output])
+            sess = ort.InferenceSession(
+                str(path), _options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL), providers=use)
+        else:
+            nchwc = 0
+            sess = ort.InferenceSession(
+                str(path), _options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED),
+                providers=use)
+    return sess, names, nchwc
+
+
+def _options(level) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = level
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    opts.enable_mem_pattern = False
+    opts.log_severity_level = 3
+    return opts
+
+
+def _reordered(path: Path, outputs: list[str]) -> tuple[Path, int]:
+    """``path``'s graph (as ONNX Runtime saved it, weights external) with the nodes the model's
+    ``outputs`` need kept in their order and every other node (the probes, and the reorders
+    ONNX Runtime added for them) placed right after what it reads, written beside it; and the
+    number of its NCHWc-domain nodes."""
+    model = onnx.load(str(path), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    needed: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(node.input)
+    main = onnx.GraphProto()
+    main.input.extend(model.graph.input)
+    main.initializer.extend(model.graph.initializer)
+    main.node.extend(n for n in model.graph.node if id(n) in needed)
+    ordered = _interleave(main, [n for n in model.graph.node if id(n) not in needed], set())
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    out = path.with_name("layout.ordered.onnx")
+    out.write_bytes(model.SerializeToString())
+    return out, sum(1 for n in ordered if n.domain == "com.microsoft.nchwc")
 
 
 def _trim_heap() -> None:

@@ -106,6 +106,45 @@ def test_in_graph_statistics_equal_numpy_on_full_activations(tiny):
     assert stats.samples == 12
 
 
+class WideResNet(TinyResNet):
+    """TinyResNet with 16 and 32 channels: widths ONNX Runtime runs in its NCHWc layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.a = nn.Conv2d(32, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 32, 1)
+        self.head = nn.Linear(32, 4)
+
+
+def test_pooled_probes_run_in_the_nchwc_layout_and_still_equal_numpy(tmp_path):
+    """With static image sizes the probes pool each image (``GlobalAveragePool``), so the
+    convolutions keep ONNX Runtime's NCHWc layout (the fast one of plain inference); the
+    statistics still equal numpy on the full activations."""
+    torch.manual_seed(0)
+    path = tmp_path / "wide.onnx"
+    torch.onnx.export(WideResNet().eval(), torch.randn(1, 3, 12, 12), str(path), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    wide = load_model(path)
+    _, plan, stats = _measure(wide)
+    assert plan.pooled and stats.nchwc_nodes > 0
+    _assert_stats_match_numpy(wide, plan, stats, _batches())
+    assert stats.samples == 12
+
+
+def test_symbolic_image_sizes_keep_the_unpooled_probes(tiny):
+    """Without static H x W the pooled sums could not be scaled back: the probes reduce the
+    tensors themselves, at the extended level (no NCHWc)."""
+    dynamic = onnx.ModelProto()
+    dynamic.CopyFrom(tiny)
+    dims = dynamic.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "h", "w"
+    _, plan, stats = _measure(dynamic)
+    assert not plan.pooled and stats.nchwc_nodes == 0
+    _assert_stats_match_numpy(dynamic, plan, stats, _batches())
+
+
 def _rescaled(model: onnx.ModelProto, s: float) -> onnx.ModelProto:
     """Multiply conv 'a' (weights and bias) by s and divide its consumer 'b' by s: with the
     ReLU between them the function is unchanged."""

@@ -7,12 +7,14 @@ For each model and sample count N, every configuration runs the same N synthetic
 * ``plain-opt``: an ``InferenceSession`` of the unmodified file with the default graph
   optimizations (what a user deploys);
 * ``plain-noopt``: the same with ``ORT_DISABLE_ALL``;
-* ``plain-ext``: the same with ``ORT_ENABLE_EXTENDED``, the level ``calib.stats.collect`` uses
-  (every fusion, but not the NCHWc layout of ``ORT_ENABLE_ALL``, see ``calib.stats._session``);
+* ``plain-ext``: the same with ``ORT_ENABLE_EXTENDED`` (every fusion, but not the NCHWc
+  layout of ``ORT_ENABLE_ALL``), the level ``calib.stats.collect`` uses where it cannot pool;
 * ``collect``: ``calib.stats.collect`` as ``idap-onnx score`` runs it with the default score
   (probes for ``idap`` only: consumer channels, their output energies, block norms; float32
-  reductions within a sample, float64 across; optimizations off), after the one-off analysis
-  (timed apart);
+  within a sample, float64 across), after the one-off analysis (timed apart). With static
+  image sizes (ResNet-50) the probes pool each image and the session runs in the NCHWc
+  layout (``ORT_ENABLE_ALL``, saved and re-ordered, see ``calib.stats._session``); the
+  table's last column gives the NCHWc node count; token models run at the extended level;
 * ``collect-all``: the same with the probes of every score (``paper``'s ReLU norms and
   ``wanda``'s producer-input channels too). Its unit scores and D_l are compared with
   ``collect``'s (they must be equal).
@@ -162,7 +164,7 @@ def _child(spec: dict) -> dict:
             done = time.perf_counter()
             result.update(create_s=0.0, augment_s=0.0, loop_s=done - started,
                           provider=stats.provider, samples=stats.samples, cpu_s=_cpu() - cpu,
-                          peak_kib=_status()["VmHWM"])
+                          peak_kib=_status()["VmHWM"], nchwc_nodes=stats.nchwc_nodes)
             scores = unit_scores(graph, stats, "idap")
             d_l = block_divergence(stats)
             np.savez(spec["scores_out"],
@@ -358,8 +360,8 @@ def _markdown(results, args, command: str, notes: list[str]) -> str:
         "| CPU s: plain opt / ext / collect | CPU ratio vs opt / vs ext "
         "| peak RSS MiB: plain opt / ext / collect | peak ratio vs opt / vs ext "
         "| RSS growth MiB: plain opt / ext / collect | growth ratio vs opt / vs ext "
-        "| analysis s, peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| analysis s, peak MiB | collect NCHWc nodes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (label, n), row in results.items():
         if not set(MAIN) <= set(row):
@@ -370,7 +372,8 @@ def _markdown(results, args, command: str, notes: list[str]) -> str:
             f"| {label} | {n} | {_cols(runs, lambda r: r['total_s'], '{:.1f}'.format)} "
             f"| {_cols(runs, lambda r: r['cpu_s'], '{:.1f}'.format)} "
             f"| {_cols(runs, lambda r: r['peak_kib'], _mib)} | {_cols(runs, _growth, _mib)} "
-            f"| {c['analysis_s']:.1f}, {_mib(c['analysis_peak_kib'])} |"
+            f"| {c['analysis_s']:.1f}, {_mib(c['analysis_peak_kib'])} "
+            f"| {c.get('nchwc_nodes', '-')} |"
         )
     lines += [
         "", "Where the cost goes (variants of `collect` patched inside the benchmark only; "

@@ -346,6 +346,7 @@ def model_seeds(
     points), so a single model cannot separate scores closer than that."""
 
     tests: dict[tuple[float, str], list[float]] = {}
+    macs: dict[tuple[float, str], list[float]] = {}  # MACs reached, fraction of the original
     originals = []
     for ms in model_seeds:
         task = digits_task(batch, ms)
@@ -358,6 +359,8 @@ def model_seeds(
                         for seed in (seeds if score == "random" else (0,))]
                 tests.setdefault((target, score), []).append(
                     float(np.mean([r["test"] for r in runs])))
+                macs.setdefault((target, score), []).append(
+                    float(np.mean([r["macs"] / r["macs0"] for r in runs])))
                 log(f"model seed {ms} target {target} {score}: test {tests[target, score][-1]:.4f}")
     head = " | ".join(f"seed {ms}" for ms in model_seeds)
     lines = ["Original test top-1 per model seed: "
@@ -366,14 +369,16 @@ def model_seeds(
         rounding = "" if round_to == 1 else f", widths rounded to {round_to}"
         lines += [f"MACs target {100 * target:g} % kept (test top-1 %, MC on{rounding}; "
                   f"random: mean of {len(seeds)} seeds):", "",
-                  f"| score | {head} | mean | idap lead (mean) |",
-                  "|---|" + "---|" * (len(model_seeds) + 2)]
+                  f"| score | {head} | mean | idap lead (mean) | MACs % (mean, range) |",
+                  "|---|" + "---|" * (len(model_seeds) + 3)]
         idap = np.mean(tests.get((target, "idap"), [np.nan]))
         for score in scores:
             vals = tests[target, score]
             lead = "" if score == "idap" else f"{100 * (idap - np.mean(vals)):+.2f}"
+            m = macs[target, score]
             lines.append(f"| `{score}` | " + " | ".join(f"{100 * v:.2f}" for v in vals)
-                         + f" | {100 * np.mean(vals):.2f} | {lead} |")
+                         + f" | {100 * np.mean(vals):.2f} | {lead} | {100 * np.mean(m):.1f} "
+                         f"({100 * min(m):.1f}-{100 * max(m):.1f}) |")
         lines.append("")
     return "\n".join(lines)
 
