@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import heapq
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -327,31 +328,41 @@ def _interleave(
 ) -> list[onnx.NodeProto]:
     """The graph's nodes with each probe placed right after the last node it depends on, so
     that (with priority-based execution) a probed activation is reduced and freed as soon as
-    it is made, instead of every probed tensor living until the network's last node has run."""
+    it is made, instead of every probed tensor living until the network's last node has run.
+    Probes that become ready together keep their list order; a probe whose inputs never
+    appear goes last."""
     ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | consts
-    pending = list(probes)
+    missing: list[set[str]] = [{i for i in n.input if i and i not in ready} for n in probes]
+    users: dict[str, list[int]] = {}
+    for k, need in enumerate(missing):
+        for name in need:
+            users.setdefault(name, []).append(k)
+    queue = [k for k, need in enumerate(missing) if not need]
+    heapq.heapify(queue)
+    placed = [False] * len(probes)
     ordered: list[onnx.NodeProto] = []
 
+    def made(outputs) -> None:
+        for name in outputs:
+            for k in users.pop(name, ()):
+                missing[k].discard(name)
+                if not missing[k]:
+                    heapq.heappush(queue, k)
+
     def flush() -> None:
-        nonlocal pending
-        progress = True
-        while progress:
-            progress, rest = False, []
-            for node in pending:
-                if all(not i or i in ready for i in node.input):
-                    ordered.append(node)
-                    ready.update(node.output)
-                    progress = True
-                else:
-                    rest.append(node)
-            pending = rest
+        while queue:
+            k = heapq.heappop(queue)
+            if not placed[k]:
+                placed[k] = True
+                ordered.append(probes[k])
+                made(probes[k].output)
 
     flush()
     for node in graph.node:
         ordered.append(node)
-        ready.update(node.output)
+        made(node.output)
         flush()
-    return ordered + pending
+    return ordered + [n for k, n in enumerate(probes) if not placed[k]]
 
 
 def providers(device: str = "auto") -> list[str]:
@@ -435,6 +446,7 @@ def _session(model: onnx.ModelProto, plan: ProbePlan, device: str):
             saved = Path(tmp) / "layout.onnx"
             opts = _options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
             opts.optimized_model_filepath = str(saved)
+            opts.add_session_config_entry("session.disable_prepacking", "1")  # never runs
             opts.add_session_config_entry(
                 "session.optimized_model_external_initializers_file_name", "layout.onnx.data")
             opts.add_session_config_entry(
