@@ -6,8 +6,8 @@ converts convolutions to its blocked NCHWc layout and copies every probed tensor
 N(0, 1) images, batches of 8), side by side in one process, round robin:
 
 * ``plain-all``: the unmodified model at the default level (what a user deploys);
-* ``collect-ext``: the probes ``collect`` appends for ``idap``, at the extended level (as
-  ``collect`` runs);
+* ``collect-ext``: the row-wise probes ``collect`` appended for ``idap`` before it pooled
+  (commit 7f2ef15), at the extended level, as it ran them;
 * ``gap-all``: the same statistics written with ops the NCHWc transformer keeps in its layout
   (per-channel sums as ``GlobalAveragePool(x)``, sums of squares as
   ``GlobalAveragePool(Mul(x, x))``), at ``ORT_ENABLE_ALL``: only the small pooled outputs are
@@ -29,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import sys
 import tempfile
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     with load_offloaded(path) as light:
         graph = analyze_model(light, {"input": [1, 3, 224, 224]})
         plan = S.plan_probes(graph, find_blocks(graph.model, graph.index), scores=("idap",))
-        nodes, inits, names = S.augment(light, plan)
+        # collect-ext: the row-wise probes ``collect`` used before pooling (commit 7f2ef15)
+        nodes, inits, names = S.augment(light, dataclasses.replace(plan, pooled=False))
         aug = write_variant(light, tmp / "aug.onnx", nodes=nodes, initializers=inits,
                             outputs=names)
         gnodes, gout = _gap_probes(plan)
