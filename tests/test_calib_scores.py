@@ -20,12 +20,12 @@ from idap_onnx.model_io import load_model
 class TinyResNet(nn.Module):
     """conv -> relu -> [conv -> relu -> conv] + skip -> relu -> pool -> linear."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 8, inner: int = 6) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.a = nn.Conv2d(8, 6, 3, padding=1)
-        self.b = nn.Conv2d(6, 8, 1)
-        self.head = nn.Linear(8, 4)
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.a = nn.Conv2d(width, inner, 3, padding=1)
+        self.b = nn.Conv2d(inner, width, 1)
+        self.head = nn.Linear(width, 4)
 
     def forward(self, x):
         h = torch.relu(self.stem(x))
@@ -106,24 +106,14 @@ def test_in_graph_statistics_equal_numpy_on_full_activations(tiny):
     assert stats.samples == 12
 
 
-class WideResNet(TinyResNet):
-    """TinyResNet with 16 and 32 channels: widths ONNX Runtime runs in its NCHWc layout."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 32, 3, padding=1)
-        self.a = nn.Conv2d(32, 16, 3, padding=1)
-        self.b = nn.Conv2d(16, 32, 1)
-        self.head = nn.Linear(32, 4)
-
-
 def test_pooled_probes_run_in_the_nchwc_layout_and_still_equal_numpy(tmp_path):
     """With static image sizes the probes pool each image (``GlobalAveragePool``), so the
     convolutions keep ONNX Runtime's NCHWc layout (the fast one of plain inference); the
     statistics still equal numpy on the full activations."""
     torch.manual_seed(0)
     path = tmp_path / "wide.onnx"
-    torch.onnx.export(WideResNet().eval(), torch.randn(1, 3, 12, 12), str(path), dynamo=False,
+    wide = TinyResNet(width=32, inner=16)  # widths ONNX Runtime runs in its NCHWc layout
+    torch.onnx.export(wide.eval(), torch.randn(1, 3, 12, 12), str(path), dynamo=False,
                       opset_version=17, input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
     wide = load_model(path)
