@@ -7,9 +7,9 @@ the fusions that keep every probed tensor (see ``_session``). Each reduction run
 within a sample (no probed activation is copied), its small partial result in float64 across
 the batch, and batches accumulate in float64, so memory does not grow with the number of
 samples or with activation sizes. Image tensors of a model with static image sizes are
-reduced per image and channel by ``GlobalAveragePool`` (``pooled``), which lets the
-convolutions run in ONNX Runtime's NCHWc layout as in plain inference; other tensors are
-reduced over one axis first (image rows, token features).
+reduced over each image row by ``AveragePool`` (``pooled``), an op that keeps ONNX Runtime's
+NCHWc layout, so the convolutions run in it as in plain inference; other tensors are reduced
+over one axis first (image rows, token features) by ``ReduceSum``.
 
 What is measured (see ``calib.scores`` for the formulas that use it):
 
@@ -69,15 +69,15 @@ class ProbePlan:
     batch_axis: dict[str, int | None] = field(default_factory=dict)
     block_shape: dict[str, tuple] = field(default_factory=dict)  # of the block's output
     flow: dict[str, str] = field(default_factory=dict)  # consumer output -> its flow tensor
-    pooled: bool = False  # 4-D tensors reduced by GlobalAveragePool (see ``pooled``)
+    pooled: bool = False  # 4-D tensors reduced by AveragePool over rows (see ``pooled``)
 
 
 def pooled(plan: ProbePlan, shape: tuple, axis: int = 1) -> bool:
-    """Whether a probe on a tensor of ``shape`` reduces its image positions with
-    ``GlobalAveragePool``: a 4-D NCHW tensor (channel axis 1) in a model whose inputs have
-    static non-batch dims (``plan.pooled``), so its H x W is the analysis shape's at run time.
-    ONNX Runtime keeps ``GlobalAveragePool`` and ``Mul`` in its NCHWc layout, so such probes
-    let the convolutions run in it (see ``_session``)."""
+    """Whether a probe on a tensor of ``shape`` reduces its image rows with ``AveragePool``:
+    a 4-D NCHW tensor (channel axis 1) in a model whose inputs have static non-batch dims
+    (``plan.pooled``), so its width is the analysis shape's at run time. ONNX Runtime keeps
+    ``AveragePool`` and ``Mul`` in its NCHWc layout, so such probes let the convolutions run
+    in it (see ``_session``)."""
     return (plan.pooled and len(shape) == 4 and axis == 1
             and all(isinstance(d, int) and d > 0 for d in shape[2:]))
 
@@ -189,8 +189,8 @@ class _Builder:
     float32, so no probed activation is copied; then the partial result, smaller by that
     axis's length, is cast to float64 and reduced over the rest. Batches accumulate in
     float64. The float32 stage sums at most that axis's length n of terms, so its relative
-    error is below n * 2**-24 (``resolution``). Pooled probes (``pooled``) make the float32
-    stage one image's channel (n = H x W) with ``GlobalAveragePool``."""
+    error is below n * 2**-24 (``resolution``). Pooled probes (``pooled``) do the same float32
+    stage, one image row, with ``AveragePool``."""
 
     def __init__(self, opset: int) -> None:
         self.opset = opset
@@ -236,15 +236,17 @@ class _Builder:
             self.squares[x] = self.node("Mul", [x, x], f"idap::sq::{x}")
         return self.squares[x]
 
-    def pooled(self, x: str, hw: int, axes: list[int], out: str) -> str:
-        """``sum`` of float32 NCHW ``x`` over its image positions and ``axes`` of the pooled
-        ``[N, C, 1, 1]``: ``GlobalAveragePool`` (the mean of each image's channel, float32),
-        cast to float64, summed over ``axes`` and times ``hw`` (H x W)."""
-        mean = self.node("GlobalAveragePool", [x], f"{out}::gap")
-        cast = self.node("Cast", [mean], f"{out}::f64", to=TensorProto.DOUBLE)
+    def pooled(self, x: str, width: int, axes: list[int], out: str) -> str:
+        """``sum`` of float32 NCHW ``x`` over its image rows and ``axes`` of the row sums
+        ``[N, C, H, 1]``: ``AveragePool`` over each row (kernel and stride ``1 x width``: the
+        same float32 stage as the row-wise probes, in an op that keeps the NCHWc layout),
+        cast to float64, summed over ``axes`` and times ``width``."""
+        rows = self.node("AveragePool", [x], f"{out}::rows", kernel_shape=[1, width],
+                         strides=[1, width])
+        cast = self.node("Cast", [rows], f"{out}::f64", to=TensorProto.DOUBLE)
         total = self.reduce("ReduceSum", cast, axes, f"{out}::sum")
-        name = f"{out}::hw"
-        self.inits.append(helper.make_tensor(name, TensorProto.DOUBLE, [], [float(hw)]))
+        name = f"{out}::w"
+        self.inits.append(helper.make_tensor(name, TensorProto.DOUBLE, [], [float(width)]))
         return self.node("Mul", [total, name], out)
 
 
@@ -272,13 +274,13 @@ def augment(model: onnx.ModelProto, plan: ProbePlan) -> tuple[list[onnx.NodeProt
     outputs: list[str] = []
     for t, p in plan.channels.items():
         if pooled(plan, p.shape, p.axis):
-            hw = p.shape[2] * p.shape[3]
-            outputs.append(b.pooled(t, hw, [0, 2, 3], f"idap::sum::{t}"))
-            outputs.append(b.pooled(b.square(t), hw, [0, 2, 3], f"idap::sumsq::{t}"))
-            # N C H W from the pooled tensor: Size of the probed one would copy it out of NCHWc
-            size = b.node("Size", [f"idap::sum::{t}::gap"], f"idap::size::{t}::nc")
-            name = f"idap::size::{t}::hw"
-            b.inits.append(helper.make_tensor(name, TensorProto.INT64, [], [hw]))
+            w = p.shape[3]
+            outputs.append(b.pooled(t, w, [0, 2, 3], f"idap::sum::{t}"))
+            outputs.append(b.pooled(b.square(t), w, [0, 2, 3], f"idap::sumsq::{t}"))
+            # N C H W from the row sums: Size of the probed tensor would copy it out of NCHWc
+            size = b.node("Size", [f"idap::sum::{t}::rows"], f"idap::size::{t}::nch")
+            name = f"idap::size::{t}::w"
+            b.inits.append(helper.make_tensor(name, TensorProto.INT64, [], [w]))
             outputs.append(b.node("Mul", [size, name], f"idap::size::{t}"))
             continue
         for op, key in (("ReduceSum", "sum"), ("ReduceSumSquare", "sumsq")):
@@ -300,7 +302,7 @@ def augment(model: onnx.ModelProto, plan: ProbePlan) -> tuple[list[onnx.NodeProt
             name = f"idap::{key}::{bname}"
             if per_sample:
                 if src not in per_sample_sq and pooled(plan, shape):
-                    per_sample_sq[src] = b.pooled(b.square(src), shape[2] * shape[3], [1, 2, 3],
+                    per_sample_sq[src] = b.pooled(b.square(src), shape[3], [1, 2, 3],
                                                   f"{name}::sq")
                 elif src not in per_sample_sq:
                     per_sample_sq[src] = b.total("ReduceSumSquare", src, shape, {0},
@@ -316,7 +318,7 @@ def augment(model: onnx.ModelProto, plan: ProbePlan) -> tuple[list[onnx.NodeProt
         if y in per_sample_sq:  # a block output: its per-sample squares are there already
             outputs.append(b.reduce("ReduceSum", per_sample_sq[y], [0], name))
         elif pooled(plan, shape):
-            outputs.append(b.pooled(b.square(y), shape[2] * shape[3], [0, 1, 2, 3], name))
+            outputs.append(b.pooled(b.square(y), shape[3], [0, 1, 2, 3], name))
         else:
             outputs.append(b.total("ReduceSumSquare", y, plan.energies[y], set(), name))
     consts = {i.name for i in b.inits}
@@ -389,11 +391,7 @@ def collect(
     """Run the augmented model over ``batches`` and accumulate the statistics."""
     sess, names, nchwc = _session(model, plan, device)
     stats = CalibStats(provider=sess.get_providers()[0], nchwc_nodes=nchwc)
-    stats.resolution = {
-        t: (3.0 * p.shape[2] * p.shape[3] * 2.0**-24 if pooled(plan, p.shape, p.axis)
-            else resolution(p.shape, {p.axis}))
-        for t, p in plan.channels.items()
-    }
+    stats.resolution = {t: resolution(p.shape, {p.axis}) for t, p in plan.channels.items()}
     stats.flow = dict(plan.flow)
     iterator = batches
     bar = None
@@ -424,7 +422,7 @@ def _session(model: onnx.ModelProto, plan: ProbePlan, device: str):
     Optimization level: a fusion never removes a tensor another node reads, so every probed
     name survives any level. With pooled probes on the CPU (``pooled``) the session runs at
     ``ORT_ENABLE_ALL``: convolutions in ONNX Runtime's NCHWc layout, which ``Mul`` and
-    ``GlobalAveragePool`` keep, so only the small pooled results are reordered back. ONNX
+    ``AveragePool`` keep, so only the row sums (1/W of a tensor) are reordered back. ONNX
     Runtime appends the nodes it creates there, and priority-based order would then run them
     after the whole network, holding every probed tensor; so the optimized graph is saved
     (weights external), its nodes put back in probe-after-producer order (``_reordered``), and
@@ -434,7 +432,7 @@ def _session(model: onnx.ModelProto, plan: ProbePlan, device: str):
     _trim_heap()
     nodes, inits, names = augment(model, plan)
     use = providers(device)
-    layout = use[0] == "CPUExecutionProvider" and any(n.op_type == "GlobalAveragePool"
+    layout = use[0] == "CPUExecutionProvider" and any(n.op_type == "AveragePool"
                                                        and n.name.startswith("idap::")
                                                        for n in nodes)
     with tempfile.TemporaryDirectory(prefix="idap-calib-") as tmp:
