@@ -54,7 +54,7 @@ import onnx
 import onnxruntime as ort
 
 from idap_onnx.calib.stats import providers
-from idap_onnx.graph import GraphIndex, attr
+from idap_onnx.graph import GraphIndex, attr, needed_indices
 from idap_onnx.model_io import write_variant
 from idap_onnx.passes.cleanup import finalize
 from idap_onnx.passes.compensate import Params, bias_add, insert_bias_add
@@ -265,31 +265,13 @@ def _plan(
 # -- collecting rows ----------------------------------------------------------------------------
 
 
-def _needed(model: onnx.ModelProto, names: list[str]) -> list[onnx.NodeProto] | None:
-    """The nodes that tensors ``names`` depend on, in graph order; None (all nodes) when one
-    of them has a subgraph (its body may read outer tensors that are not node inputs)."""
-    nodes = model.graph.node
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
-    need: set[int] = set()
-    stack = list(names)
-    while stack:
-        i = producer.get(stack.pop())
-        if i is None or i in need:
-            continue
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for a in nodes[i].attribute):
-            return None
-        need.add(i)
-        stack.extend(t for t in nodes[i].input if t)
-    return [nodes[i] for i in sorted(need)]
-
-
 def _session(model: onnx.ModelProto, names: list[str], device: str) -> ort.InferenceSession:
     """A session whose outputs are ``names`` (distinct), computing only the nodes they depend
     on (a sequential refit's early layers need a prefix of the graph), built from a temporary
     file that streams the weights (``model_io.write_variant``): no in-memory copy of the
     model."""
-    nodes = _needed(model, names)
+    need = needed_indices(model.graph, names)
+    nodes = None if need is None else [model.graph.node[i] for i in need]
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3

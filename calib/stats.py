@@ -40,6 +40,7 @@ from onnx import TensorProto, helper
 
 from idap_onnx.blocks import Block, find_blocks, residual_flows
 from idap_onnx.dependency import SLICE, DependencyGraph
+from idap_onnx.graph import needed_indices
 from idap_onnx.model_io import write_variant
 
 WEIGHTED = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -229,7 +230,6 @@ class _Builder:
             return self.reduce(op, cast, axes, out)
         return self.node("Identity", [cast], out)
 
-
     def square(self, x: str) -> str:
         """``x * x``, made once per tensor."""
         if x not in self.squares:
@@ -301,12 +301,11 @@ def augment(model: onnx.ModelProto, plan: ProbePlan) -> tuple[list[onnx.NodeProt
         for src, key in ((diff, "bdiff"), (block.output, "bout")):
             name = f"idap::{key}::{bname}"
             if per_sample:
-                if src not in per_sample_sq and pooled(plan, shape):
-                    per_sample_sq[src] = b.pooled(b.square(src), shape[3], [1, 2, 3],
-                                                  f"{name}::sq")
-                elif src not in per_sample_sq:
-                    per_sample_sq[src] = b.total("ReduceSumSquare", src, shape, {0},
-                                                 f"{name}::sq")
+                if src not in per_sample_sq:
+                    per_sample_sq[src] = (
+                        b.pooled(b.square(src), shape[3], [1, 2, 3], f"{name}::sq")
+                        if pooled(plan, shape)
+                        else b.total("ReduceSumSquare", src, shape, {0}, f"{name}::sq"))
                 norms = b.node("Sqrt", [per_sample_sq[src]], f"{name}::norms")
                 outputs.append(b.reduce("ReduceSum", norms, [0], name))
             else:
@@ -477,19 +476,14 @@ def _reordered(path: Path, outputs: list[str]) -> tuple[Path, int]:
     ONNX Runtime added for them) placed right after what it reads, written beside it; and the
     number of its NCHWc-domain nodes."""
     model = onnx.load(str(path), load_external_data=False)
-    producer = {o: n for n in model.graph.node for o in n.output}
-    needed: set[int] = set()
-    stack = list(outputs)
-    while stack:
-        node = producer.get(stack.pop())
-        if node is not None and id(node) not in needed:
-            needed.add(id(node))
-            stack.extend(node.input)
+    nodes = list(model.graph.node)
+    need = needed_indices(model.graph, outputs)
+    keep = set(range(len(nodes)) if need is None else need)
     main = onnx.GraphProto()
     main.input.extend(model.graph.input)
     main.initializer.extend(model.graph.initializer)
-    main.node.extend(n for n in model.graph.node if id(n) in needed)
-    ordered = _interleave(main, [n for n in model.graph.node if id(n) not in needed], set())
+    main.node.extend(n for i, n in enumerate(nodes) if i in keep)
+    ordered = _interleave(main, [n for i, n in enumerate(nodes) if i not in keep], set())
     del model.graph.node[:]
     model.graph.node.extend(ordered)
     out = path.with_name("layout.ordered.onnx")

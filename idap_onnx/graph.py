@@ -134,6 +134,26 @@ class GraphIndex:
         return self.node_by_name[name]
 
 
+def needed_indices(graph: onnx.GraphProto, names) -> list[int] | None:
+    """Indices (ascending, so in graph order) of the nodes that tensors ``names`` depend on;
+    None (all nodes) when one of them has a subgraph (its body may read outer tensors that
+    are not node inputs). Indices, not node objects: protobuf wrappers are not stable keys."""
+    nodes = graph.node
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    need: set[int] = set()
+    stack = list(names)
+    while stack:
+        i = producer.get(stack.pop())
+        if i is None or i in need:
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in nodes[i].attribute):
+            return None
+        need.add(i)
+        stack.extend(t for t in nodes[i].input if t)
+    return sorted(need)
+
+
 def attr(node: onnx.NodeProto, name: str, default=None):
     """The value of attribute ``name`` of ``node`` (python types), or ``default``."""
     for a in node.attribute:

@@ -404,10 +404,11 @@ def test_refit_in_sequence_sees_the_refits_before_it(cnn):
 def test_refit_session_runs_only_what_the_pulled_tensors_need(cnn, tmp_path):
     """A refit pass pulls a few tensors: its session computes their ancestors, nothing after
     them, and returns exactly those tensors."""
-    from idap_onnx.calib.refit import _needed, _session
+    from idap_onnx.calib.refit import _session
+    from idap_onnx.graph import needed_indices
 
     pulled = _node(cnn, MIX).input[0]
-    nodes = _needed(cnn, [pulled])
+    nodes = [cnn.graph.node[i] for i in needed_indices(cnn.graph, [pulled])]
     names = [n.name for n in cnn.graph.node]
     assert [n.name for n in nodes] == names[: len(nodes)] and len(nodes) < len(names)
     assert pulled in nodes[-1].output

@@ -84,35 +84,12 @@ def _gap_probes(plan: S.ProbePlan) -> tuple[list[onnx.NodeProto], list[str]]:
 
 
 def _session(path: Path, level, save: Path | None = None) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = level
-    opts.log_severity_level = 3
-    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    opts.enable_mem_pattern = False
+    """A session with ``collect``'s options (``calib.stats._options``), saving its optimized
+    graph to ``save`` when given."""
+    opts = S._options(level)
     if save is not None:
         opts.optimized_model_filepath = str(save)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _reorder(src: Path, dst: Path, outputs: list[str]) -> None:
-    """Re-order a saved optimized graph: the nodes the model's ``outputs`` need, in file
-    order, with every other node (probes, their reorders) right after what it reads."""
-    model = onnx.load(str(src))
-    producer = {o: n for n in model.graph.node for o in n.output}
-    needed, stack = set(), list(outputs)
-    while stack:
-        node = producer.get(stack.pop())
-        if node is not None and id(node) not in needed:
-            needed.add(id(node))
-            stack.extend(node.input)
-    main = [n for n in model.graph.node if id(n) in needed]
-    probes = [n for n in model.graph.node if id(n) not in needed]
-    graph = helper.make_graph(main, "g", model.graph.input, model.graph.output,
-                              model.graph.initializer)
-    ordered = S._interleave(graph, probes, set())
-    del model.graph.node[:]
-    model.graph.node.extend(ordered)
-    onnx.save(model, str(dst))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 del_me = _session(gpath, LEVEL.ORT_ENABLE_ALL, save=tmp / "opt.onnx")
                 del del_me
-                _reorder(tmp / "opt.onnx", tmp / "opt2.onnx", model_outputs)
-                sess, outs = _session(tmp / "opt2.onnx", LEVEL.ORT_DISABLE_ALL), gout
+                ordered, _ = S._reordered(tmp / "opt.onnx", model_outputs)
+                sess, outs = _session(ordered, LEVEL.ORT_DISABLE_ALL), gout
             t1 = time.perf_counter()
             acc: dict[str, np.ndarray] = {}
             for feed in feeds():
