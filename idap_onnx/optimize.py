@@ -223,6 +223,7 @@ def optimize(
         final={},
     )
     current, cost = model, cost0
+    train = _training_samples(calib_batches, model) if config.finetune else None
     if 1 in config.stages:
         current, cost = _stage1(
             current,
@@ -236,6 +237,7 @@ def optimize(
             result,
             say,
             teacher=model,
+            train=train,
         )
     if 2 in config.stages and not _met(cost, target_macs, target_params):
         current, cost = _stage2(
@@ -252,7 +254,7 @@ def optimize(
         )
     final = evaluator.evaluate(current)
     if config.finetune and current is not model:
-        tuned = _finetuned(current, model, calib_batches, config, config.finetune_epochs, say)
+        tuned = _finetuned(current, model, train, config, config.finetune_epochs, say)
         ev = evaluator.evaluate(tuned)
         ok = _within(ev, evaluator, (kind, limit))[0]
         if tuned is not current and ok and evaluator.drop(ev) <= evaluator.drop(final):
@@ -279,13 +281,9 @@ def _within(evaluation, evaluator: Evaluator, budget: tuple[str, float]) -> tupl
     return value <= limit + 1e-12, drop
 
 
-def _finetuned(candidate, teacher, calib, config, epochs, say):
-    """``candidate`` after ``epochs`` of distillation from ``teacher`` on the calibration part
-    (METHOD.md section 6); unchanged when fine-tuning is off or the graph cannot run in torch."""
-    if not config.finetune or teacher is None:
-        return candidate
-    from idap_onnx.errors import UnsupportedModelError
-    from idap_onnx.finetune import FinetuneConfig, finetune
+def _training_samples(calib, teacher) -> list[dict]:
+    """The calibration part as fine-tuning samples, text padding cut where ``teacher`` is shown
+    to ignore it (``padding.trim_padding``); made once per run."""
     from idap_onnx.padding import trim_padding
 
     samples = [
@@ -293,7 +291,18 @@ def _finetuned(candidate, teacher, calib, config, epochs, say):
         for batch in calib
         for i in range(len(next(iter(batch.values()))))
     ]
-    samples, _ = trim_padding(samples, teacher)  # text: cut where the teacher ignores it
+    return trim_padding(samples, teacher)[0]
+
+
+def _finetuned(candidate, teacher, samples, config, epochs, say):
+    """``candidate`` after ``epochs`` of distillation from ``teacher`` on ``samples`` (the
+    calibration part, ``_training_samples``; METHOD.md section 6); unchanged when fine-tuning
+    is off or the graph cannot run in torch."""
+    if not config.finetune or teacher is None:
+        return candidate
+    from idap_onnx.errors import UnsupportedModelError
+    from idap_onnx.finetune import FinetuneConfig, finetune
+
     cfg = FinetuneConfig(epochs=epochs, seed=config.seed, patience=epochs)
     try:
         out = finetune(candidate, teacher, samples, config=cfg)
@@ -305,7 +314,8 @@ def _finetuned(candidate, teacher, calib, config, epochs, say):
 
 
 def _stage1(
-    current, cost, calib, evaluator, config, shapes, budget, targets, result, say, teacher=None
+    current, cost, calib, evaluator, config, shapes, budget, targets, result, say, teacher=None,
+    train=None,
 ):
     steps = config.steps
     for t in range(steps):
@@ -328,7 +338,7 @@ def _stage1(
                 say(f"stage 1 step {t}: nothing left to remove")
                 return current, cost
             candidate = _prune(current, graph, removal, stats, config, shapes, calib)
-            candidate = _finetuned(candidate, teacher, calib, config, 1, say)
+            candidate = _finetuned(candidate, teacher, train, config, 1, say)
             new_cost = model_cost(candidate, shapes)
             ev = evaluator.evaluate(candidate)
             ok, drop = _within(ev, evaluator, budget)
