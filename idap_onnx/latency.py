@@ -23,6 +23,7 @@ compare ratios from one call, not figures from different calls.
 
 from __future__ import annotations
 
+import abc
 import os
 import tempfile
 import time
@@ -196,15 +197,17 @@ def _as_file(model: onnx.ModelProto | str | os.PathLike, path: Path) -> Path:
     return write_variant(model, path, nodes=model.graph.node)
 
 
-class _Runner:
+class _Runner(abc.ABC):
+    """One model ready to run on the feed, on one backend (``device`` says which)."""
+
     device = ""
 
+    @abc.abstractmethod
     def run(self) -> float:
         """One inference; its time in milliseconds."""
-        raise NotImplementedError
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 (optional: most backends hold nothing to release)
+        """Release device buffers; nothing by default."""
 
 
 class _OrtRunner(_Runner):

@@ -9,6 +9,7 @@ equivalent in ``idap_onnx.api`` (``inspect``, ``prune``, ``remove_blocks``) or
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import time
 from collections.abc import Callable
@@ -261,16 +262,17 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
-def _optimize_args(parser: argparse.ArgumentParser) -> None:
-    from idap_onnx.cli import optimize_cmd
+def _module(name: str) -> tuple[Callable, Callable]:
+    """``add_arguments`` and ``run`` of the command module ``idap_onnx.cli.<name>``, imported
+    when first called."""
 
-    optimize_cmd.add_arguments(parser)
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        importlib.import_module(f"idap_onnx.cli.{name}").add_arguments(parser)
 
+    def run(args: argparse.Namespace) -> None:
+        importlib.import_module(f"idap_onnx.cli.{name}").run(args)
 
-def _optimize(args: argparse.Namespace) -> None:
-    from idap_onnx.cli import optimize_cmd
-
-    optimize_cmd.run(args)
+    return add_arguments, run
 
 
 COMMANDS = (
@@ -290,23 +292,10 @@ COMMANDS = (
         "  idap-onnx optimize cnn.onnx --calib train.npz --labels labels.npy --dry-run "
         "--json sensitivity.json\n"
         "  idap-onnx optimize cnn.onnx --config idap.toml -o out.onnx --calib train.npz",
-        _optimize_args,
-        _optimize,
+        *_module("optimize_cmd"),
     ),
     *COMMANDS[1:],
 )
-
-
-def _finetune_args(parser: argparse.ArgumentParser) -> None:
-    from idap_onnx.cli import finetune_cmd
-
-    finetune_cmd.add_arguments(parser)
-
-
-def _finetune(args: argparse.Namespace) -> None:
-    from idap_onnx.cli import finetune_cmd
-
-    finetune_cmd.run(args)
 
 
 COMMANDS = (
@@ -323,22 +312,9 @@ COMMANDS = (
         "  idap-onnx finetune cnn.opt.onnx --teacher cnn.onnx --data train.npz -o cnn.ft.onnx\n"
         "  idap-onnx finetune cnn.opt.onnx --teacher cnn.onnx --data train.npz \\\n"
         "      --labels labels.npy --epochs 10 --lr 5e-4 -o cnn.ft.onnx",
-        _finetune_args,
-        _finetune,
+        *_module("finetune_cmd"),
     ),
 )
-
-
-def _latency_args(parser: argparse.ArgumentParser) -> None:
-    from idap_onnx.cli import latency_cmd
-
-    latency_cmd.add_arguments(parser)
-
-
-def _latency(args: argparse.Namespace) -> None:
-    from idap_onnx.cli import latency_cmd
-
-    latency_cmd.run(args)
 
 
 COMMANDS = (
@@ -355,7 +331,6 @@ COMMANDS = (
         "  idap-onnx latency cnn.onnx --compare cnn.opt.onnx --data calib.npz --batch 8 "
         "--json lat.json\n"
         "  idap-onnx latency bert.onnx --compare bert.opt.onnx --backend tensorrt --fp16",
-        _latency_args,
-        _latency,
+        *_module("latency_cmd"),
     ),
 )
