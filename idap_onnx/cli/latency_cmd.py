@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> None:
     if args.batch < 1:
         raise UsageError(f"--batch {args.batch} must be >= 1")
     paths = [args.model, *args.compare]
-    names = _labels(paths)
+    models = dict(zip(_labels(paths), paths, strict=True))
     reference = load_model(args.model)
     with warnings.catch_warnings():  # random values are fine for timing (not for scores)
         warnings.filterwarnings("ignore", "random calibration data is synthetic")
@@ -96,13 +96,11 @@ def run(args: argparse.Namespace) -> None:
     for path in args.compare:
         load_model(path)  # a clear error for a bad file before any timing
     report = measure(
-        dict(zip(names, paths, strict=True)), feed, backend=args.backend, device=args.device,
+        models, feed, backend=args.backend, device=args.device,
         rounds=args.rounds, per_round=args.runs, warmup=args.warmup,
         max_seconds=args.max_seconds, fp16=args.fp16,
     )
-    data = {"schema_version": 1, "command": "latency", "models": dict(zip(names, paths,
-                                                                          strict=True)),
-            **report.to_dict()}
+    data = {"schema_version": 1, "command": "latency", "models": models, **report.to_dict()}
     shared.emit_report(args, data, _text(report))
 
 
