@@ -17,6 +17,14 @@ Unit scores (lower = removed first), per group, summed over the group's members:
   changes when one consumer is rescaled, while normalizing per consumer keeps the paper's scale
   invariance for every group (a deliberate choice, tested). Comparable across layers and
   additive over a head's channels.
+
+  A k x k Conv consumer whose border outputs read zero padding (static image size) counts
+  ``||W_k[:, c]||^2 P_k`` over the taps that read the image, and, with mean compensation, adds
+  the part of the mean a constant bias cannot restore there, ``mu_c^2 sum_p ||m_p - mbar||^2``
+  (``_padded_conv_energy``, ``idap_onnx.conv_taps``). METHOD.md's ``var_c alone`` assumes the
+  compensation exact, which it is only where every output reads the whole kernel: on the 4x4
+  maps of the digits CNN, 12 of 16 outputs do not. Without padding both terms reduce to the
+  formula above.
 - ``paper``: the released code's ``(1/(C*H*W)) * mean_b ||ReLU(Y_{b,c})||_2 * ||W_c||_2`` on
   the producer output Y (for token tensors the norm runs over batch and tokens).
 - ``wanda``: ``sqrt( sum_j W[c, j]^2 * ||X_j||^2 )``, the producer row weighted by its input
@@ -34,6 +42,7 @@ from __future__ import annotations
 import numpy as np
 
 from idap_onnx.calib.stats import WEIGHTED, CalibStats
+from idap_onnx.conv_taps import TapPatterns, mean_spread, tap_patterns, valid_energy
 from idap_onnx.dependency import SLICE, DependencyGraph
 from idap_onnx.errors import UsageError
 from idap_onnx.planner import weight_scores
@@ -88,18 +97,42 @@ def _idap(graph: DependencyGraph, stats: CalibStats, mean_compensation: bool):
         if x not in stats.channel_sumsq:
             continue
         w = graph.index.constant(node.input[edit.input]).astype(np.float64)
-        col = np.moveaxis(w, edit.axis, 0).reshape(w.shape[edit.axis], -1)
-        w2 = (col**2).sum(axis=1)  # ||W_k[:, c]||^2 per input element
-        m2 = stats.variance(x) if mean_compensation else stats.second_moment(x)
         y = node.output[0]
-        y_shape = graph.index.shape(y) or ()
-        out_ch = _out_channels(node, w)
-        positions = _positions(y_shape, out_ch, stats, y)
         out_energy = stats.energy.get(stats.flow.get(y, y), 0.0) / n
         if out_energy <= 0:
             continue
-        _accumulate(graph, x, w2 * m2 * positions / out_energy, energy)
+        m2 = stats.variance(x) if mean_compensation else stats.second_moment(x)
+        taps = tap_patterns(node, graph.index.shape(x), w.shape) if edit.axis == 1 else None
+        if taps is not None and taps.padded:
+            e = _padded_conv_energy(w, taps, stats.mean(x), m2, mean_compensation)
+        else:
+            col = np.moveaxis(w, edit.axis, 0).reshape(w.shape[edit.axis], -1)
+            w2 = (col**2).sum(axis=1)  # ||W_k[:, c]||^2 per input element
+            positions = _positions(graph.index.shape(y) or (), _out_channels(node, w))
+            e = w2 * m2 * positions
+        _accumulate(graph, x, e / out_energy, energy)
     return _unmeasured_frozen(graph, [np.sqrt(e) for e in energy])
+
+
+def _padded_conv_energy(
+    w: np.ndarray, taps: TapPatterns, mu: np.ndarray, m2: np.ndarray, mean_compensation: bool
+) -> np.ndarray:
+    """Per input channel c of a Conv whose border outputs read zero padding, the output
+    energy per sample that removing c changes (``idap_onnx.conv_taps``)::
+
+        e_c = m2_c * sum_p sum_{t valid at p} ||W[:, c, t]||^2
+            + mu_c^2 * sum_p ||m_p(c) - mbar(c)||^2        (with mean compensation only)
+
+    ``m2`` is ``var`` with mean compensation, ``var + mu^2`` without; ``m_p(c) = sum_{t valid
+    at p} W[:, c, t]`` and ``mbar`` its average over positions, the bias that compensation
+    adds. The first term is METHOD.md's ``||W[:, c]||^2 m2_c P`` counted over the taps that read
+    the image; the second is the mean that a constant bias cannot restore at the borders. Both
+    reduce to METHOD.md's formula when no tap reads padding.
+    """
+    e = m2 * valid_energy(w, taps)
+    if mean_compensation:
+        e = e + mu**2 * mean_spread(w, taps)
+    return e
 
 
 def _out_channels(node, w: np.ndarray) -> int:
@@ -113,7 +146,7 @@ def _out_channels(node, w: np.ndarray) -> int:
     return int(w.shape[-1])
 
 
-def _positions(shape, out_channels: int, stats: CalibStats, y: str) -> float:
+def _positions(shape, out_channels: int) -> float:
     """Output positions per sample of a consumer: elements of one sample / output channels."""
     dims = [d for d in shape if isinstance(d, int)]
     if len(dims) != len(shape) or not dims:

@@ -6,10 +6,17 @@ part is a constant per output, so it can be kept by adding it to the bias:
 
     b_k[o] += sum_{e removed} sum_kernel W_k[o, e, ...] * mu_e
 
-after which removal loses only the centred part (the variance ``var_e``). Per consumer op:
+(for a k x k Conv the kernel sum weights each tap by the share of outputs at which it reads
+the image, see below), after which removal loses only the centred part (the variance
+``var_e``). Per consumer op:
 
-- Conv (group 1), W ``[O, I, k...]``: ``b[o] += sum_e sum_k W[o, e, k] mu_e``. Grouped and
-  depthwise Convs read their inputs per group and record no consumer edit: skipped.
+- Conv (group 1), W ``[O, I, k...]``: ``b[o] += sum_e sum_t W[o, e, t] cover[t] mu_e``, with
+  ``cover[t]`` the fraction of output positions at which tap t reads the image rather than the
+  zero padding (``idap_onnx.conv_taps``; 1 for every tap when nothing reads padding, or when
+  the input's spatial size is not static). This is the constant that best replaces the mean
+  (least squares over the output positions): border outputs, which see fewer taps, receive
+  less of it than interior ones, and the bias gives each the average. Grouped and depthwise
+  Convs read their inputs per group and record no consumer edit: skipped.
 - ConvTranspose (group 1), W ``[I, O, k...]``: ``b[o] += sum_e sum_k W[e, o, k] mu_e / prod(s)``
   for strides s (each output position receives about ``1 / prod(s)`` of the kernel taps).
 - Gemm ``alpha A' B' + beta C`` (``transB`` respected): ``C += alpha / beta * mu_r B'[r]``;
@@ -22,9 +29,10 @@ after which removal loses only the centred part (the variance ``var_e``). Per co
   old name, so its consumers and graph outputs are rewired without other edits).
 
 Exact for 1x1 convs and Gemm/MatMul (every output position sums the same inputs);
-approximate at the zero-padded borders of k x k convs (border outputs see fewer taps) and for
-strided ConvTranspose. Biases and weights shared by several nodes (the legacy exporter
-deduplicates equal constants) are copied before they are changed.
+approximate at the zero-padded borders of k x k convs (the spread of the border outputs about
+their average is lost; ``calib.scores`` counts it in the ``idap`` score) and for strided
+ConvTranspose. Biases and weights shared by several nodes (the legacy exporter deduplicates
+equal constants) are copied before they are changed.
 
 The compensated model is *not yet pruned* and has the same channel groups, unit indices and
 group ids as the input: a bias input or a bias ``Add`` creates no channel space, so the caller
@@ -41,6 +49,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from idap_onnx.conv_taps import tap_patterns
 from idap_onnx.dependency import SLICE, DependencyGraph, analyze_model
 from idap_onnx.errors import SurgeryError, UsageError
 from idap_onnx.graph import GraphIndex, attr
@@ -190,8 +199,9 @@ def compensate_means(
 
     For every consumer edit (Conv/ConvTranspose/Gemm/MatMul weight columns) whose input tensor
     T loses elements under ``removal``: ``b_k[o] += sum_{e removed} sum_kernel W_k[o, e, ...]
-    * mu_e`` (see the module docstring for the per-op forms). Exact for 1x1 conv and
-    Gemm/MatMul; approximate at zero-padded borders of k x k convs.
+    * mu_e`` (see the module docstring for the per-op forms; a k x k Conv weights its taps by
+    ``conv_taps.TapPatterns.cover`` when its input's image size is static). Exact for 1x1 conv
+    and Gemm/MatMul; approximate at zero-padded borders of k x k convs.
 
     Args:
         model: the model ``graph`` was computed from (not modified).
@@ -231,7 +241,8 @@ def compensate_means(
                 f"{removed.shape[0]}; collect statistics on this model"
             )
         done.add(edit.node)
-        _COMPENSATE[node.op_type](params, node, removed, mu[removed])
+        shape = graph.index.shape(edit.tensor)
+        _COMPENSATE[node.op_type](params, node, removed, mu[removed], shape)
     return out
 
 
@@ -296,18 +307,19 @@ def _add_to_bias(params: Params, node: onnx.NodeProto, i: int, delta: np.ndarray
     params.set(node, i, new)
 
 
-def _conv(params: Params, node: onnx.NodeProto, removed: np.ndarray, mu: np.ndarray) -> None:
+def _conv(params: Params, node: onnx.NodeProto, removed, mu, shape) -> None:
     if int(attr(node, "group", 1)) != 1:
         return  # grouped / depthwise: per-group inputs, no consumer edit; nothing to fold
     w = _weight(params, node)
     cols = w[:, removed].astype(np.float64)  # [O, r, k...]
-    delta = cols.reshape(cols.shape[0], cols.shape[1], -1).sum(axis=2) @ mu
+    cols = cols.reshape(cols.shape[0], cols.shape[1], -1)
+    taps = tap_patterns(node, shape, w.shape)
+    cover = taps.cover if taps is not None else np.ones(cols.shape[2])
+    delta = (cols @ cover) @ mu
     _add_to_bias(params, node, 2, delta, w.dtype)
 
 
-def _conv_transpose(
-    params: Params, node: onnx.NodeProto, removed: np.ndarray, mu: np.ndarray
-) -> None:
+def _conv_transpose(params: Params, node: onnx.NodeProto, removed, mu, shape) -> None:
     if int(attr(node, "group", 1)) != 1:
         return
     w = _weight(params, node)
@@ -318,7 +330,7 @@ def _conv_transpose(
     _add_to_bias(params, node, 2, delta, w.dtype)
 
 
-def _gemm(params: Params, node: onnx.NodeProto, removed: np.ndarray, mu: np.ndarray) -> None:
+def _gemm(params: Params, node: onnx.NodeProto, removed, mu, shape) -> None:
     w = _weight(params, node)
     b = w.T if int(attr(node, "transB", 0)) else w  # [K, N]
     alpha = float(attr(node, "alpha", 1.0))
@@ -346,7 +358,7 @@ def _gemm(params: Params, node: onnx.NodeProto, removed: np.ndarray, mu: np.ndar
     params.set(node, 2, new.astype(c.dtype))
 
 
-def _matmul(params: Params, node: onnx.NodeProto, removed: np.ndarray, mu: np.ndarray) -> None:
+def _matmul(params: Params, node: onnx.NodeProto, removed, mu, shape) -> None:
     w = _weight(params, node)
     delta = mu @ w[removed].astype(np.float64)  # [N]
     found = bias_add(params.model, params.index, node)

@@ -1,6 +1,6 @@
 """Distillation fine-tuning by round trip through PyTorch (METHOD.md section 6).
 
-The digits CNN pruned to ~30 % of its MACs loses accuracy; fine-tuning on the unlabelled
+The digits CNN pruned to ~20 % of its MACs loses accuracy; fine-tuning on the unlabelled
 training images against the original recovers most of it, and only initializer values change.
 """
 
@@ -43,14 +43,15 @@ def digits():
 
 @pytest.fixture(scope="module")
 def pruned(digits):
-    """The digits CNN pruned to 30 % of its MACs (stage 1 only, no budget)."""
+    """The digits CNN pruned to 20 % of its MACs (stage 1 only, no budget): enough damage
+    (about 24 points of test top-1) for distillation to have something to recover."""
     model = load_model(digits.model_path)
     x = digits.train[0]
     calib = [{"x": x[i : i + 64]} for i in range(0, 512, 64)]
     ev = Evaluator(model, [{"x": digits.val[0]}], metric="rel-l2")
-    cfg = OptimizeConfig(target_flops=0.3, max_error=1e9, metric="rel-l2", stages=(1,))
+    cfg = OptimizeConfig(target_flops=0.2, max_error=1e9, metric="rel-l2", stages=(1,))
     result = optimize(model, calib, ev, cfg)
-    assert result.final["macs"] <= 0.31 * result.original["macs"]
+    assert result.final["macs"] <= 0.21 * result.original["macs"]
     return model, result.model
 
 
@@ -59,7 +60,7 @@ def tuned(digits, pruned):
     teacher, student = pruned
     data = [{"x": x} for x in digits.train[0]]
     val = [{"x": x} for x in digits.val[0]]
-    return finetune(student, teacher, data, val=val, config=FinetuneConfig(epochs=4))
+    return finetune(student, teacher, data, val=val, config=FinetuneConfig(epochs=6))
 
 
 def test_distillation_recovers_most_accuracy(digits, pruned, tuned):
@@ -266,7 +267,7 @@ def test_optimize_finetune_hook_lowers_error(digits, pruned):
     calib = [{"x": x[i : i + 64]} for i in range(0, 512, 64)]
     ev = Evaluator(teacher, [{"x": digits.val[0]}], metric="rel-l2")
     cfg = OptimizeConfig(
-        target_flops=0.3,
+        target_flops=0.2,
         max_error=1e9,
         metric="rel-l2",
         stages=(1,),
@@ -275,11 +276,11 @@ def test_optimize_finetune_hook_lowers_error(digits, pruned):
     )
     lines: list[str] = []
     result = optimize(teacher, calib, ev, cfg, progress=lines.append)
-    assert result.final["macs"] <= 0.31 * result.original["macs"]
+    assert result.final["macs"] <= 0.21 * result.original["macs"]
     assert any("fine-tuned" in line for line in lines)
     plain_error = ev.evaluate(plain).rel_error
     print(
-        f"rel-l2 at 30 % MACs: plain {plain_error:.4f}, with --finetune {result.final['error']:.4f}"
+        f"rel-l2 at 20 % MACs: plain {plain_error:.4f}, with --finetune {result.final['error']:.4f}"
     )
     assert result.final["error"] < plain_error
 

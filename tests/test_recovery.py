@@ -200,6 +200,69 @@ def test_matmul_add_constant_unit_exact(mlp):
     assert _err(prune_channels(model, {gid: [7]}, graph=graph), model, data) > 1e-3
 
 
+class PaddedCNN(nn.Module):
+    """3x3 stem -> 3x3 conv with padding 1 (the consumer) on an 8x8 map -> mean -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 6, 3, padding=1)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.body(torch.relu(self.stem(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_a_padded_conv_keeps_exactly_the_border_spread_that_the_score_counts(tmp_path):
+    """A constant stem unit (0.7 everywhere) read by a 3x3 conv with padding 1: each output p
+    receives 0.7 * m_p, the sum of the taps that read the image. The compensating bias is the
+    average over the positions, so what removal changes is exactly the spread of m_p about it,
+    ``0.7^2 * mean_spread`` per sample; the ``idap`` score of the unit predicts that, and the
+    whole-kernel bias (right for interior outputs only) would leave more."""
+    from idap_onnx.calib.scores import unit_scores
+    from idap_onnx.conv_taps import mean_spread, tap_patterns
+
+    torch.manual_seed(4)
+    model = _export(PaddedCNN(), (2, 3, 8, 8), tmp_path / "padded.onnx")
+    model = _constant_unit(model, "stem.weight", "stem.bias", 3, 0.7)
+    data = _images((8, 3, 8, 8), 2, seed=9)
+    graph = analyze_model(model, {"x": [1, 3, 8, 8]})
+    stats = collect(model, plan_probes(graph), data, device="cpu")
+    gid = _group_of(graph, STEM)
+    pruned = prune_with_compensation(model, {gid: [3]}, means_from_stats(stats),
+                                     input_shapes={"x": [1, 3, 8, 8]})
+
+    body = _node(model, "/body/Conv")
+    y = body.output[0]
+    before = np.concatenate([_pull(model, y, f) for f in data]).astype(np.float64)
+    after = np.concatenate([_pull(pruned, y, f) for f in data]).astype(np.float64)
+    changed = float(((after - before) ** 2).sum()) / len(before)
+
+    w = _init(model, "body.weight")[:, 3:4]
+    taps = tap_patterns(body, [1, 8, 8, 8], _init(model, "body.weight").shape)
+    assert taps.padded
+    predicted = 0.7**2 * float(mean_spread(w, taps)[0])
+    assert changed == pytest.approx(predicted, rel=1e-4)
+
+    score = unit_scores(graph, stats, "idap")[gid][3]
+    assert score**2 * float((before**2).sum()) / len(before) == pytest.approx(predicted, rel=1e-3)
+
+    m_p = w.reshape(6, -1).astype(np.float64) @ taps.masks.T  # [O, patterns]
+    whole_kernel = w.reshape(6, -1).sum(axis=1, keepdims=True)
+    left_by_whole_kernel = 0.7**2 * float((((m_p - whole_kernel) ** 2) @ taps.counts).sum())
+    assert left_by_whole_kernel > 1.1 * changed
+
+
+def _pull(model, name: str, feed) -> np.ndarray:
+    """Tensor ``name`` of ``model`` on ``feed`` (added as an extra graph output)."""
+    pulled = onnx.ModelProto()
+    pulled.CopyFrom(model)
+    pulled.graph.output.append(onnx.ValueInfoProto(name=name))
+    sess = ort.InferenceSession(pulled.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run([name], feed)[0]
+
+
 # -- (b) compensation lowers the error of random removals ---------------------------------------
 
 

@@ -30,6 +30,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from idap_onnx.conv_taps import same_pads
 from idap_onnx.torch_graph.resize import resize
 
 Tensor = torch.Tensor
@@ -472,28 +473,11 @@ def _einsum(node, rt, x):
     return torch.einsum(node.attr("equation"), *x)
 
 
-def _same_pads(
-    auto_pad: str, spatial: Sequence[int], kernel: Sequence[int], strides, dilations
-) -> list[int]:
-    begins, ends = [], []
-    for size, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
-        out = -(-size // s)
-        total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
-        small, big = total // 2, total - total // 2
-        if auto_pad == "SAME_UPPER":
-            begins.append(small)
-            ends.append(big)
-        else:
-            begins.append(big)
-            ends.append(small)
-    return begins + ends
-
-
 def _conv_pads(node: Node, t: Tensor, kernel, strides, dilations) -> list[int]:
     nsp = len(kernel)
     auto_pad = node.attr("auto_pad", "NOTSET")
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        return _same_pads(auto_pad, t.shape[2:], kernel, strides, dilations)
+        return same_pads(auto_pad, list(t.shape[2:]), kernel, strides, dilations)
     if auto_pad == "VALID":
         return [0] * (2 * nsp)
     return list(node.attr("pads", [0] * (2 * nsp)))
