@@ -15,8 +15,10 @@ the image, see below), after which removal loses only the centred part (the vari
   zero padding (``idap_onnx.conv_taps``; 1 for every tap when nothing reads padding, or when
   the input's spatial size is not static). This is the constant that best replaces the mean
   (least squares over the output positions): border outputs, which see fewer taps, receive
-  less of it than interior ones, and the bias gives each the average. Grouped and depthwise
-  Convs read their inputs per group and record no consumer edit: skipped.
+  less of it than interior ones, and the bias gives each the average. It is the average at
+  the image size the graph was analysed at (``optimize``: the calibration samples' own); on
+  larger images the borders weigh less and it moves toward the whole-kernel sum. Grouped and
+  depthwise Convs read their inputs per group and record no consumer edit: skipped.
 - ConvTranspose (group 1), W ``[I, O, k...]``: ``b[o] += sum_e sum_k W[e, o, k] mu_e / prod(s)``
   for strides s (each output position receives about ``1 / prod(s)`` of the kernel taps).
 - Gemm ``alpha A' B' + beta C`` (``transB`` respected): ``C += alpha / beta * mu_r B'[r]``;
