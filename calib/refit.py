@@ -15,8 +15,10 @@ model's output, a refit also corrects the error that earlier pruned layers pass 
 What is refitted: a node of ``pruned`` that exists in ``original`` under the same name and op,
 with a constant weight, that reads fewer input channels than in ``original``:
 
-- Conv with group 1, a 1x1 kernel and no padding (strides subsample the input positions);
-  k x k convs are skipped (their rows would be im2col patches, K' * k * k wide);
+- Conv with group 1: a 1x1 kernel without padding reads one input position per output row
+  (strides subsample the input positions); a 2-D k x k kernel reads the patch of ``K' k k``
+  values under it (im2col, zero padding included, gathered only for the sampled rows), up
+  to ``max_width`` columns (4096: a 128 MiB Gram matrix); wider ones are skipped;
 - Gemm with a constant B and a constant (or absent) C of ``[N]``, ``[1, N]`` or scalar shape;
 - MatMul ``X W`` with a constant 2-D W; the bias is the following ``Add`` with a constant
   ``[N]`` vector (the target is then that Add's output in ``original``), inserted when absent.
@@ -37,8 +39,10 @@ Rows: the batches are run through ONNX Runtime batch by batch, both models expos
 needed intermediate tensors (graph optimizations off, so the names survive). Each layer
 draws a seeded uniform subsample of at most ``ceil(max_rows / number of batches)`` rows from
 every batch (at most ``max_rows`` rows per layer, spread over all batches), accumulated into
-``K' x K'`` and ``K' x N`` float64 sums: memory does not grow with the data. ``batches`` that
-is not a sequence is materialized into a list (the inputs only) to count the batches.
+``K' x K'`` and ``K' x N`` float64 sums (``K'`` = ``K' k k`` for a k x k conv): memory does
+not grow with the data; in sequence one layer's sums are held at a time, at once all of them.
+``batches`` that is not a sequence is materialized into a list (the inputs only) to count the
+batches.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ import onnx
 import onnxruntime as ort
 
 from idap_onnx.calib.stats import providers
+from idap_onnx.conv_taps import conv_pads
 from idap_onnx.graph import GraphIndex, attr, needed_indices
 from idap_onnx.model_io import write_variant
 from idap_onnx.passes.cleanup import finalize
@@ -88,6 +93,8 @@ class _Layer:
     out_keep: np.ndarray | None  # original output channels kept (None: all)
     strides: tuple[int, ...] = ()
     trans_a: bool = False
+    conv: onnx.NodeProto | None = None  # a k x k Conv: its rows are the patches under the kernel
+    kernel: tuple[int, ...] = ()
     n: int = 0
     sx: np.ndarray | None = None
     sy: np.ndarray | None = None
@@ -116,6 +123,7 @@ def refit(
     batches: Iterable[Mapping[str, np.ndarray]],
     *,
     max_rows: int = 20000,
+    max_width: int = 4096,
     ridge: float = 1e-6,
     seed: int = 0,
     removal: Mapping[str, Iterable[int]] | None = None,
@@ -131,6 +139,7 @@ def refit(
         pruned: the pruned model (node names as in ``original``; not modified).
         batches: model-ready ``{input: array}`` batches (calibration data).
         max_rows: at most this many rows (positions) per layer, spread over the batches.
+        max_width: a k x k Conv whose patches are wider (``K' k k``) is skipped.
         ridge: relative Tikhonov weight (times the mean diagonal of the centred Gram matrix).
         seed: seed of the row subsample.
         removal: group id -> units removed from ``original``; lets consumers whose output
@@ -143,7 +152,7 @@ def refit(
     out = onnx.ModelProto()
     out.CopyFrom(pruned)
     feeds = batches if isinstance(batches, Sequence) else list(batches)
-    layers, skipped = _plan(original, out, removal)
+    layers, skipped = _plan(original, out, removal, max_width)
     if details is not None:
         details.extend(skipped)
     if not layers or not feeds:
@@ -173,15 +182,31 @@ def _widths(op: str, node: onnx.NodeProto, w: np.ndarray) -> tuple[int, int]:
     return int(w.shape[0]), int(w.shape[1])
 
 
-def _unsupported(op: str, node: onnx.NodeProto, index: GraphIndex, w: np.ndarray) -> str:
+def _is_patch_conv(node: onnx.NodeProto, w: np.ndarray) -> bool:
+    """A Conv whose rows are patches: a kernel larger than 1x1, or any padding."""
+    padded = any(int(p) != 0 for p in (attr(node, "pads", None) or []))
+    auto_pad = attr(node, "auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    return padded or auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(
+        int(d) != 1 for d in w.shape[2:]
+    )
+
+
+def _unsupported(
+    op: str, node: onnx.NodeProto, index: GraphIndex, w: np.ndarray, max_width: int = 4096
+) -> str:
     """Why ``node`` cannot be refitted in closed form ('' when it can)."""
     if op == "Conv":
         if int(attr(node, "group", 1)) != 1:
             return "grouped Conv"
-        if w.ndim < 3 or any(int(d) != 1 for d in w.shape[2:]):
-            return "k x k Conv (only 1x1 kernels are refitted)"
-        if any(int(p) != 0 for p in (attr(node, "pads", None) or [])):
-            return "padded 1x1 Conv"
+        if w.ndim < 3:
+            return "Conv weight without spatial axes"
+        if _is_patch_conv(node, w):
+            if w.ndim != 4:
+                return "k x k Conv that is not 2-D"
+            width = int(np.prod(w.shape[1:]))
+            if width > max_width:
+                return f"k x k Conv too wide to refit ({width} > max_width {max_width})"
     elif op == "Gemm":
         if w.ndim != 2:
             return "Gemm B is not a matrix"
@@ -200,7 +225,7 @@ def _unsupported(op: str, node: onnx.NodeProto, index: GraphIndex, w: np.ndarray
 
 
 def _plan(
-    original: onnx.ModelProto, pruned: onnx.ModelProto, removal
+    original: onnx.ModelProto, pruned: onnx.ModelProto, removal, max_width: int = 4096
 ) -> tuple[list[_Layer], list[LayerRefit]]:
     oidx, pidx = GraphIndex(original), GraphIndex(pruned)
     layers: list[_Layer] = []
@@ -223,7 +248,7 @@ def _plan(
         (k, n), (ko, no) = _widths(node.op_type, node, w), _widths(onode.op_type, onode, wo)
         if k >= ko:
             continue
-        why = _unsupported(node.op_type, node, pidx, w)
+        why = _unsupported(node.op_type, node, pidx, w, max_width)
         if why:
             skipped.append(LayerRefit(node.name, skipped=why))
             continue
@@ -257,6 +282,8 @@ def _plan(
                 keep,
                 strides=tuple(int(s) for s in (attr(node, "strides", None) or [])),
                 trans_a=bool(int(attr(node, "transA", 0))),
+                conv=node if node.op_type == "Conv" and _is_patch_conv(node, w) else None,
+                kernel=tuple(int(d) for d in w.shape[2:]),
             )
         )
     return layers, skipped
@@ -303,18 +330,39 @@ def _accumulate(original, pruned, layers, feeds, max_rows: int, seed: int, devic
         got_x = dict(zip(xs, sess_x.run(xs, dict(feed)), strict=True))
         got_y = dict(zip(ys, sess_y.run(ys, dict(feed)), strict=True))
         for lay in layers:
-            x, y = _rows(lay, got_x[lay.x], True), _rows(lay, got_y[lay.y], False)
-            if x.shape[0] != y.shape[0]:
+            y = _rows(lay, got_y[lay.y], False)
+            x = None if lay.conv is not None else _rows(lay, got_x[lay.x], True)
+            if x is not None and x.shape[0] != y.shape[0]:
                 raise ValueError(
                     f"refit of '{lay.node}': {x.shape[0]} input rows but {y.shape[0]} output rows"
                 )
             if lay.out_keep is not None:
                 y = y[:, lay.out_keep]
-            take = min(x.shape[0], quota, max_rows - lay.n)
+            take = min(y.shape[0], quota, max_rows - lay.n)
             if take <= 0:
                 continue
-            pick = np.sort(rng.choice(x.shape[0], take, replace=False))
-            lay.add(x[pick], y[pick])
+            pick = np.sort(rng.choice(y.shape[0], take, replace=False))
+            if x is None:
+                rows = _patches(lay.conv, lay.kernel, got_x[lay.x], got_y[lay.y].shape, pick)
+            else:
+                rows = x[pick]
+            lay.add(rows, y[pick])
+
+
+def _patches(node: onnx.NodeProto, kernel, a: np.ndarray, y_shape, pick: np.ndarray) -> np.ndarray:
+    """The input patches ``[rows, C k_h k_w]`` (channel-major, the weight's flattened order)
+    under 2-D Conv ``node``'s kernel at output rows ``pick`` (``(n, i, j)`` flattened over the
+    output ``y_shape``), zero where the kernel reads padding."""
+    strides = list(attr(node, "strides", None) or [1, 1])
+    dilations = list(attr(node, "dilations", None) or [1, 1])
+    pads = conv_pads(node, a.shape[2:], kernel, strides, dilations)
+    padded = np.pad(a, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    n, i, j = np.unravel_index(pick, (y_shape[0], y_shape[2], y_shape[3]))
+    kh, kw = np.meshgrid(np.arange(kernel[0]), np.arange(kernel[1]), indexing="ij")
+    rows = i[:, None] * strides[0] + kh.reshape(1, -1) * dilations[0]  # [picked, taps]
+    cols = j[:, None] * strides[1] + kw.reshape(1, -1) * dilations[1]
+    patches = padded[n[:, None], :, rows, cols]  # [picked, taps, C]
+    return np.swapaxes(patches, 1, 2).reshape(len(pick), -1)
 
 
 # -- solving and writing ------------------------------------------------------------------------
@@ -324,7 +372,7 @@ def _current(params: Params, node: onnx.NodeProto, op: str) -> tuple[np.ndarray,
     """The pruned node as ``X W + b`` (W ``[K', N]``, b ``[N]``, float64)."""
     w = params.get(node, 1).astype(np.float64)
     if op == "Conv":
-        wm = w.reshape(w.shape[0], w.shape[1]).T
+        wm = w.reshape(w.shape[0], -1).T
         b = params.get(node, 2)
         return wm, np.zeros(wm.shape[1]) if b is None else b.astype(np.float64).reshape(-1)
     if op == "Gemm":

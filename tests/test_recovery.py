@@ -424,6 +424,67 @@ def test_refit_reduces_error_cnn(cnn):
     assert len(node.input) == 3 and node.input[2]
 
 
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory):
+    torch.manual_seed(5)
+    return _export(PaddedCNN(), (2, 3, 8, 8), tmp_path_factory.mktemp("pad") / "padded.onnx")
+
+
+def test_refit_of_a_3x3_consumer_solves_on_the_patches_under_its_kernel(padded):
+    """``body`` is a 3x3 conv with padding 1: its rows are the 8 x 3 x 3 patches (zeros where
+    the kernel reads padding). Refitted on them, the held-out error drops, with and without
+    mean compensation; a patch wider than ``max_width`` skips the layer with the reason."""
+    calib = _images((32, 3, 8, 8), 4, seed=14)
+    held = _images((32, 3, 8, 8), 2, seed=15)
+    graph, means = _means(padded, calib)
+    removal = {_group_of(graph, STEM): [1, 2, 5]}
+    plain = prune_channels(padded, removal, graph=graph)
+    comp = prune_with_compensation(padded, removal, means)
+    details: list[LayerRefit] = []
+    refitted = refit(padded, plain, calib, max_rows=4000, details=details)
+    e = {
+        "plain": _err(plain, padded, held),
+        "compensated": _err(comp, padded, held),
+        "refit": _err(refitted, padded, held),
+        "compensated+refit": _err(refit(padded, comp, calib, max_rows=4000), padded, held),
+    }
+    print("3x3 consumer, held-out errors", {k: round(v, 4) for k, v in e.items()})
+    (info,) = details
+    assert info.node == "/body/Conv" and info.applied and info.rows == 4000
+    assert info.err_after < info.err_before
+    assert e["refit"] < e["plain"] and e["compensated+refit"] < e["compensated"]
+    assert _init(refitted, _node(refitted, "/body/Conv").input[1]).shape == (6, 5, 3, 3)
+    narrow: list[LayerRefit] = []
+    refit(padded, plain, calib, max_width=40, details=narrow)
+    assert [(d.node, d.applied) for d in narrow] == [("/body/Conv", False)]
+    assert "too wide" in narrow[0].skipped
+
+
+@pytest.mark.parametrize(("k", "stride", "dilation", "pad"), [(3, 1, 1, 1), (3, 2, 1, 1),
+                                                              (5, 2, 2, 2), (1, 2, 1, 1)])
+def test_patches_times_the_weight_give_the_conv_output(k, stride, dilation, pad):
+    from onnx import TensorProto, helper
+
+    from idap_onnx.calib.refit import _patches
+
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[k, k],
+                            strides=[stride] * 2, dilations=[dilation] * 2, pads=[pad] * 4)
+    rng = np.random.default_rng(k + stride)
+    a = rng.standard_normal((3, 4, 11, 9)).astype(np.float32)
+    w = rng.standard_normal((5, 4, k, k)).astype(np.float32)
+    graph = helper.make_graph(
+        [node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, a.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    y = run_model(model, {"x": a})[0]
+    rows = np.moveaxis(y, 1, -1).reshape(-1, 5)
+    pick = np.sort(rng.choice(len(rows), 25, replace=False))
+    x = _patches(node, (k, k), a, y.shape, pick).astype(np.float64)
+    np.testing.assert_allclose(x @ w.reshape(5, -1).T, rows[pick], rtol=1e-4, atol=1e-4)
+
+
 def _stem_and_mix_pruned(cnn):
     """Calibration and held-out images, the removal of units of STEM's and MIX's groups, and
     the plainly pruned model."""

@@ -195,6 +195,7 @@ def run_variant(
     oneshot: bool = False,
     steps: int = STEPS,
     round_to: int = ROUND_TO,
+    refit: bool = False,
 ) -> dict:
     """One ``optimize`` run; the row's numbers. ``oneshot``: T = 1 step (the whole removal
     ranked on the original model's statistics, shrunk by ``optimize`` to land on the target)."""
@@ -214,6 +215,7 @@ def run_variant(
         max_group_ratio=MAX_GROUP_RATIO,
         stages=(1,),
         seed=seed,
+        refit=refit,
     )
     t0 = time.perf_counter()
     result = optimize(
@@ -337,7 +339,8 @@ def sweep_steps(task: Task, targets, scores, seeds, steps_list, log) -> str:
 
 
 def model_seeds(
-    targets, scores, seeds, model_seeds, batch: int, p0: float, log, round_to: int = ROUND_TO
+    targets, scores, seeds, model_seeds, batch: int, p0: float, log, round_to: int = ROUND_TO,
+    refit: bool = False,
 ) -> str:
     """Diagnostic: the digits comparison (MC on, the benchmark's schedule) repeated on CNNs
     trained with each of ``model_seeds`` (each its own split and initialization); a markdown
@@ -355,7 +358,7 @@ def model_seeds(
         for target in targets:
             for score in scores:
                 runs = [run_variant(task, target, score, True, seed, p0, (val_ev, test_ev), log,
-                                    round_to=round_to)
+                                    round_to=round_to, refit=refit)
                         for seed in (seeds if score == "random" else (0,))]
                 tests.setdefault((target, score), []).append(
                     float(np.mean([r["test"] for r in runs])))
@@ -367,8 +370,10 @@ def model_seeds(
              + ", ".join(f"{100 * o:.2f}" for o in originals), ""]
     for target in targets:
         rounding = "" if round_to == 1 else f", widths rounded to {round_to}"
-        lines += [f"MACs target {100 * target:g} % kept (test top-1 %, MC on{rounding}; "
-                  f"random: mean of {len(seeds)} seeds):", "",
+        rounding += ", least-squares refit" if refit else ""
+        if "random" in scores:
+            rounding += f"; random: mean of {len(seeds)} seeds"
+        lines += [f"MACs target {100 * target:g} % kept (test top-1 %, MC on{rounding}):", "",
                   f"| score | {head} | mean | idap lead (mean) | MACs % (mean, range) |",
                   "|---|" + "---|" * (len(model_seeds) + 3)]
         idap = np.mean(tests.get((target, "idap"), [np.nan]))
@@ -643,6 +648,11 @@ def main(argv: list[str] | None = None) -> int:
         default=ROUND_TO,
         help=f"kept widths rounded to multiples of N, for --model-seeds only ({ROUND_TO})",
     )
+    parser.add_argument(
+        "--refit",
+        action="store_true",
+        help="the least-squares refit after every step (optimize --refit), for --model-seeds only",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument(
         "--minilm-calib", type=int, default=128, help="MiniLM calibration sentences (of 512)"
@@ -681,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.model_seeds:
         print(model_seeds(args.targets, args.scores, args.seeds, args.model_seeds, args.batch,
-                          DEFAULT_P0["digits"], log, round_to=args.round_to))
+                          DEFAULT_P0["digits"], log, round_to=args.round_to, refit=args.refit))
         return 0
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())

@@ -107,8 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument(
         "--refit",
         action="store_true",
-        help="least-squares refit of the pruned consumers on the calibration part, layer after "
-        "layer (one pass over it per refitted layer)",
+        help="least-squares refit of the pruned consumers (Gemm, MatMul, 1x1 and k x k convs) "
+        "on the calibration part, layer after layer (one pass over it per refitted layer)",
     )
     plan.add_argument("--p0", type=float, default=0.05, help="first step fraction (0.05)")
     plan.add_argument("--alpha", type=float, default=1.5, help="schedule exponent (1.5)")
