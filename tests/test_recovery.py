@@ -375,22 +375,29 @@ def _zero_column(model, matmul: str, unit: int):
 # -- (e) the least-squares refit -------------------------------------------------------------------
 
 
+def _recoveries(model, calib, held, producer: str, units: list[int], **refit_args):
+    """Units of ``producer``'s group removed four ways: their held-out errors (plain,
+    compensated, refitted, compensated then refitted), the refit's details and the refitted
+    plain model."""
+    graph, means = _means(model, calib)
+    removal = {_group_of(graph, producer): units}
+    plain = prune_channels(model, removal, graph=graph)
+    comp = prune_with_compensation(model, removal, means)
+    details: list[LayerRefit] = []
+    refitted = refit(model, plain, calib, details=details, **refit_args)
+    errors = {
+        "plain": _err(plain, model, held),
+        "compensated": _err(comp, model, held),
+        "refit": _err(refitted, model, held),
+        "compensated+refit": _err(refit(model, comp, calib, **refit_args), model, held),
+    }
+    return errors, details, refitted
+
+
 def test_refit_reduces_error_mlp(mlp):
     calib = _data((64, 4, 10), 4, seed=7)
     held = _data((64, 4, 10), 2, seed=8)
-    graph, means = _means(mlp, calib)
-    removal = {_group_of(graph, "/a/MatMul"): list(range(0, 32, 2))}
-    plain = prune_channels(mlp, removal, graph=graph)
-    comp = prune_with_compensation(mlp, removal, means)
-    details: list[LayerRefit] = []
-    refitted = refit(mlp, plain, calib, details=details)
-    refitted_comp = refit(mlp, comp, calib)
-    e = {
-        "plain": _err(plain, mlp, held),
-        "compensated": _err(comp, mlp, held),
-        "refit": _err(refitted, mlp, held),
-        "compensated+refit": _err(refitted_comp, mlp, held),
-    }
+    e, details, _ = _recoveries(mlp, calib, held, "/a/MatMul", list(range(0, 32, 2)))
     print("mlp held-out errors", {k: round(v, 4) for k, v in e.items()})
     assert [d.node for d in details if d.applied] == ["/b/MatMul"]
     assert details[0].err_after < details[0].err_before
@@ -401,19 +408,7 @@ def test_refit_reduces_error_mlp(mlp):
 def test_refit_reduces_error_cnn(cnn):
     calib = _images((16, 3, 16, 16), 4, seed=9)
     held = _images((16, 3, 16, 16), 2, seed=10)
-    graph, means = _means(cnn, calib)
-    removal = {_group_of(graph, STEM): [1, 2, 5]}
-    plain = prune_channels(cnn, removal, graph=graph)
-    comp = prune_with_compensation(cnn, removal, means)
-    details: list[LayerRefit] = []
-    refitted = refit(cnn, plain, calib, max_rows=4000, details=details)
-    refitted_comp = refit(cnn, comp, calib, max_rows=4000)
-    e = {
-        "plain": _err(plain, cnn, held),
-        "compensated": _err(comp, cnn, held),
-        "refit": _err(refitted, cnn, held),
-        "compensated+refit": _err(refitted_comp, cnn, held),
-    }
+    e, details, refitted = _recoveries(cnn, calib, held, STEM, [1, 2, 5], max_rows=4000)
     print("cnn held-out errors", {k: round(v, 4) for k, v in e.items()})
     (info,) = details
     assert info.node == MIX and info.applied and info.rows == 4000
@@ -436,18 +431,7 @@ def test_refit_of_a_3x3_consumer_solves_on_the_patches_under_its_kernel(padded):
     mean compensation; a patch wider than ``max_width`` skips the layer with the reason."""
     calib = _images((32, 3, 8, 8), 4, seed=14)
     held = _images((32, 3, 8, 8), 2, seed=15)
-    graph, means = _means(padded, calib)
-    removal = {_group_of(graph, STEM): [1, 2, 5]}
-    plain = prune_channels(padded, removal, graph=graph)
-    comp = prune_with_compensation(padded, removal, means)
-    details: list[LayerRefit] = []
-    refitted = refit(padded, plain, calib, max_rows=4000, details=details)
-    e = {
-        "plain": _err(plain, padded, held),
-        "compensated": _err(comp, padded, held),
-        "refit": _err(refitted, padded, held),
-        "compensated+refit": _err(refit(padded, comp, calib, max_rows=4000), padded, held),
-    }
+    e, details, refitted = _recoveries(padded, calib, held, STEM, [1, 2, 5], max_rows=4000)
     print("3x3 consumer, held-out errors", {k: round(v, 4) for k, v in e.items()})
     (info,) = details
     assert info.node == "/body/Conv" and info.applied and info.rows == 4000
@@ -455,7 +439,7 @@ def test_refit_of_a_3x3_consumer_solves_on_the_patches_under_its_kernel(padded):
     assert e["refit"] < e["plain"] and e["compensated+refit"] < e["compensated"]
     assert _init(refitted, _node(refitted, "/body/Conv").input[1]).shape == (6, 5, 3, 3)
     narrow: list[LayerRefit] = []
-    refit(padded, plain, calib, max_width=40, details=narrow)
+    refit(padded, refitted, calib, max_width=40, details=narrow)  # 5 x 3 x 3 = 45 wide
     assert [(d.node, d.applied) for d in narrow] == [("/body/Conv", False)]
     assert "too wide" in narrow[0].skipped
 
