@@ -285,33 +285,6 @@ def test_optimize_finetune_hook_lowers_error(digits, pruned):
     assert result.final["error"] < plain_error
 
 
-def test_optimize_cli_accepts_finetune(digits, tmp_path):
-    d = digits.model_path.parent
-    code = main(
-        [
-            "optimize",
-            str(d / "digits.onnx"),
-            "--calib",
-            str(d / "x_train.npz"),
-            "--labels",
-            str(d / "labels_train.npy"),
-            "--val-fraction",
-            "0.3",
-            "--stages",
-            "1",
-            "--steps",
-            "2",
-            "--max-drop",
-            "50",
-            "--finetune",
-            "-o",
-            str(tmp_path / "o.onnx"),
-        ]
-    )
-    assert code == 0
-    assert (tmp_path / "o.onnx").exists()
-
-
 def test_auto_loss_tells_logits_from_embeddings():
     """``loss="auto"``: KL for class scores; MSE for a normalized embedding or an output
     named as an embedding (softmax over embedding features would be meaningless)."""

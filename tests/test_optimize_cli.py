@@ -96,6 +96,17 @@ def test_optimize_writes_model_and_reports(digits_dir, tmp_path, capsys):
     assert "## Latency (measured side by side)" in (tmp_path / "d.report.md").read_text()
 
 
+def test_optimize_fine_tunes_each_step_with_finetune(digits_dir, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    argv = [*_base(digits_dir), "--stages", "1", "--steps", "2", "--max-drop", "50",
+            "--finetune", "-o", str(out)]
+    assert main(argv) == 0
+    assert out.exists()
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert report["settings"]["finetune"] is True
+    assert "fine-tuned" in capsys.readouterr().err
+
+
 def test_config_file_mirrors_flags_and_the_command_line_wins(digits_dir, tmp_path):
     config = tmp_path / "idap.toml"
     config.write_text(
