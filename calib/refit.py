@@ -39,8 +39,8 @@ Rows: the batches are run through ONNX Runtime batch by batch, both models expos
 needed intermediate tensors (graph optimizations off, so the names survive). Each layer
 draws a seeded uniform subsample of at most ``ceil(max_rows / number of batches)`` rows from
 every batch (at most ``max_rows`` rows per layer, spread over all batches), accumulated into
-``K' x K'`` and ``K' x N`` float64 sums (``K'`` = ``K' k k`` for a k x k conv): memory does
-not grow with the data; in sequence one layer's sums are held at a time, at once all of them.
+``K' x K'`` and ``K' x N`` float64 sums (``K' k k`` wide for a k x k conv): memory does not
+grow with the data; in sequence one layer's sums are held at a time, at once all of them.
 ``batches`` that is not a sequence is materialized into a list (the inputs only) to count the
 batches.
 """

@@ -54,7 +54,7 @@ from onnx import helper, numpy_helper
 from idap_onnx.conv_taps import tap_patterns
 from idap_onnx.dependency import SLICE, DependencyGraph, analyze_model
 from idap_onnx.errors import SurgeryError, UsageError
-from idap_onnx.graph import GraphIndex, attr
+from idap_onnx.graph import GraphIndex, Shape, attr
 
 #: Consumer ops whose input columns compensation folds, with the weight input index.
 CONSUMER_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -309,7 +309,8 @@ def _add_to_bias(params: Params, node: onnx.NodeProto, i: int, delta: np.ndarray
     params.set(node, i, new)
 
 
-def _conv(params: Params, node: onnx.NodeProto, removed, mu, shape) -> None:
+def _conv(params: Params, node: onnx.NodeProto, removed: np.ndarray, mu: np.ndarray,
+          shape: Shape | None) -> None:
     if int(attr(node, "group", 1)) != 1:
         return  # grouped / depthwise: per-group inputs, no consumer edit; nothing to fold
     w = _weight(params, node)
@@ -321,7 +322,8 @@ def _conv(params: Params, node: onnx.NodeProto, removed, mu, shape) -> None:
     _add_to_bias(params, node, 2, delta, w.dtype)
 
 
-def _conv_transpose(params: Params, node: onnx.NodeProto, removed, mu, shape) -> None:
+def _conv_transpose(params: Params, node: onnx.NodeProto, removed: np.ndarray,
+                    mu: np.ndarray, shape: Shape | None) -> None:
     if int(attr(node, "group", 1)) != 1:
         return
     w = _weight(params, node)
@@ -332,7 +334,8 @@ def _conv_transpose(params: Params, node: onnx.NodeProto, removed, mu, shape) ->
     _add_to_bias(params, node, 2, delta, w.dtype)
 
 
-def _gemm(params: Params, node: onnx.NodeProto, removed, mu, shape) -> None:
+def _gemm(params: Params, node: onnx.NodeProto, removed: np.ndarray, mu: np.ndarray,
+          shape: Shape | None) -> None:
     w = _weight(params, node)
     b = w.T if int(attr(node, "transB", 0)) else w  # [K, N]
     alpha = float(attr(node, "alpha", 1.0))
@@ -360,7 +363,8 @@ def _gemm(params: Params, node: onnx.NodeProto, removed, mu, shape) -> None:
     params.set(node, 2, new.astype(c.dtype))
 
 
-def _matmul(params: Params, node: onnx.NodeProto, removed, mu, shape) -> None:
+def _matmul(params: Params, node: onnx.NodeProto, removed: np.ndarray, mu: np.ndarray,
+            shape: Shape | None) -> None:
     w = _weight(params, node)
     delta = mu @ w[removed].astype(np.float64)  # [N]
     found = bias_add(params.model, params.index, node)
