@@ -65,6 +65,8 @@ from idap_onnx.passes.cleanup import finalize
 from idap_onnx.passes.compensate import Params, bias_add, insert_bias_add
 
 REFIT_OPS = ("Conv", "Gemm", "MatMul")
+#: In sequence, the original's sampled targets of all layers are kept when they fit in this.
+TARGET_CACHE_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -90,6 +92,7 @@ class _Layer:
     x: str  # pruned model's input tensor
     y: str  # original model's target tensor
     k: int  # input width in pruned
+    width: int  # output width in pruned (the target's columns)
     out_keep: np.ndarray | None  # original output channels kept (None: all)
     strides: tuple[int, ...] = ()
     trans_a: bool = False
@@ -130,6 +133,7 @@ def refit(
     device: str = "cpu",
     details: list[LayerRefit] | None = None,
     sequential: bool = True,
+    cache_bytes: int = TARGET_CACHE_BYTES,
 ) -> onnx.ModelProto:
     """Return a copy of ``pruned`` whose pruned consumers are refitted to ``original``'s
     outputs on ``batches`` (see the module docstring).
@@ -148,6 +152,10 @@ def refit(
         details: when given, one ``LayerRefit`` per candidate consumer is appended.
         sequential: refit layer by layer on the inputs earlier refits produce (one pass over
             ``batches`` per layer); False: all layers in one pass (module docstring).
+        cache_bytes: in sequence, the original model's sampled target rows of every layer are
+            drawn in one pass over ``batches`` and kept, when they fit in this many bytes
+            (float32); each layer's pass then runs only the pruned model. The rows drawn are
+            the same either way, so is the result.
     """
     out = onnx.ModelProto()
     out.CopyFrom(pruned)
@@ -161,8 +169,13 @@ def refit(
         return out
     params = Params(out)
     waves = [[lay] for lay in layers] if sequential else [layers]
+    targets = None
+    if sequential and len(layers) > 1 and 4 * max_rows * sum(lay.width for lay in layers) <= (
+        cache_bytes
+    ):
+        targets = _targets(original, layers, feeds, max_rows, seed, device)
     for wave in waves:  # graph order: _plan walks the (topologically sorted) nodes
-        _accumulate(original, out, wave, feeds, max_rows, seed, device)
+        _accumulate(original, out, wave, feeds, max_rows, seed, device, targets)
         for lay in wave:
             info = _solve_and_write(params, lay, ridge)
             if details is not None:
@@ -279,6 +292,7 @@ def _plan(
                 node.input[0],
                 target,
                 k,
+                n,
                 keep,
                 strides=tuple(int(s) for s in (attr(node, "strides", None) or [])),
                 trans_a=bool(int(attr(node, "transA", 0))),
@@ -320,33 +334,80 @@ def _rows(lay: _Layer, a: np.ndarray, is_input: bool) -> np.ndarray:
     return a.reshape(-1, a.shape[-1])
 
 
-def _accumulate(original, pruned, layers, feeds, max_rows: int, seed: int, device: str) -> None:
-    xs = list(dict.fromkeys(lay.x for lay in layers))
+@dataclass(frozen=True)
+class _Sample:
+    """The target rows one layer draws from one batch: ``pick`` of its ``total`` rows, their
+    values ``y`` (``out_keep`` applied) and the original output's shape (for conv patches)."""
+
+    pick: np.ndarray
+    y: np.ndarray
+    shape: tuple[int, ...]
+    total: int
+
+
+def _draw(lay: _Layer, out: np.ndarray, quota: int, max_rows: int, n: int, rng) -> _Sample | None:
+    """Up to ``quota`` rows of output ``out``, uniformly without replacement, while the layer
+    has fewer than ``max_rows`` (``n`` so far); None when it has them all."""
+    y = _rows(lay, out, False)
+    if lay.out_keep is not None:
+        y = y[:, lay.out_keep]
+    take = min(y.shape[0], quota, max_rows - n)
+    if take <= 0:
+        return None
+    pick = np.sort(rng.choice(y.shape[0], take, replace=False))
+    return _Sample(pick, y[pick], tuple(out.shape), y.shape[0])
+
+
+def _targets(original, layers, feeds, max_rows: int, seed: int, device: str):
+    """Every layer's samples, per batch, from one pass of ``original``: each layer draws with
+    its own generator seeded ``seed``, as a wave of that layer alone does in ``_accumulate``."""
     ys = list(dict.fromkeys(lay.y for lay in layers))
-    sess_x, sess_y = _session(pruned, xs, device), _session(original, ys, device)
+    sess = _session(original, ys, device)
+    quota = max(1, math.ceil(max_rows / len(feeds)))
+    rngs = {lay.node: np.random.default_rng(seed) for lay in layers}
+    drawn = {lay.node: 0 for lay in layers}
+    samples: dict[str, list[_Sample | None]] = {lay.node: [] for lay in layers}
+    for feed in feeds:
+        got = dict(zip(ys, sess.run(ys, dict(feed)), strict=True))
+        for lay in layers:
+            sample = _draw(lay, got[lay.y], quota, max_rows, drawn[lay.node], rngs[lay.node])
+            drawn[lay.node] += 0 if sample is None else len(sample.pick)
+            samples[lay.node].append(sample)
+    return samples
+
+
+def _accumulate(
+    original, pruned, layers, feeds, max_rows: int, seed: int, device: str, targets=None
+) -> None:
+    """Add the rows of ``layers`` from every batch: inputs from ``pruned``, targets from
+    ``original`` (or from ``targets``, drawn beforehand by ``_targets``)."""
+    xs = list(dict.fromkeys(lay.x for lay in layers))
+    sess_x = _session(pruned, xs, device)
+    if targets is None:
+        ys = list(dict.fromkeys(lay.y for lay in layers))
+        sess_y = _session(original, ys, device)
     quota = max(1, math.ceil(max_rows / len(feeds)))
     rng = np.random.default_rng(seed)
-    for feed in feeds:
+    for b, feed in enumerate(feeds):
         got_x = dict(zip(xs, sess_x.run(xs, dict(feed)), strict=True))
-        got_y = dict(zip(ys, sess_y.run(ys, dict(feed)), strict=True))
+        if targets is None:
+            got_y = dict(zip(ys, sess_y.run(ys, dict(feed)), strict=True))
         for lay in layers:
-            y = _rows(lay, got_y[lay.y], False)
-            x = None if lay.conv is not None else _rows(lay, got_x[lay.x], True)
-            if x is not None and x.shape[0] != y.shape[0]:
-                raise ValueError(
-                    f"refit of '{lay.node}': {x.shape[0]} input rows but {y.shape[0]} output rows"
-                )
-            if lay.out_keep is not None:
-                y = y[:, lay.out_keep]
-            take = min(y.shape[0], quota, max_rows - lay.n)
-            if take <= 0:
-                continue
-            pick = np.sort(rng.choice(y.shape[0], take, replace=False))
-            if x is None:
-                rows = _patches(lay.conv, lay.kernel, got_x[lay.x], got_y[lay.y].shape, pick)
+            if targets is None:
+                sample = _draw(lay, got_y[lay.y], quota, max_rows, lay.n, rng)
             else:
-                rows = x[pick]
-            lay.add(rows, y[pick])
+                sample = targets[lay.node][b]
+            if sample is None:
+                continue
+            if lay.conv is not None:
+                rows = _patches(lay.conv, lay.kernel, got_x[lay.x], sample.shape, sample.pick)
+            else:
+                x = _rows(lay, got_x[lay.x], True)
+                if x.shape[0] != sample.total:
+                    raise ValueError(f"refit of '{lay.node}': {x.shape[0]} input rows but "
+                                     f"{sample.total} output rows")
+                rows = x[sample.pick]
+            lay.add(rows, sample.y)
 
 
 def _patches(node: onnx.NodeProto, kernel, a: np.ndarray, y_shape, pick: np.ndarray) -> np.ndarray:

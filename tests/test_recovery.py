@@ -509,6 +509,15 @@ def test_refit_in_sequence_sees_the_refits_before_it(cnn):
     assert e_seq < e_once
 
 
+def test_refit_draws_the_same_targets_whether_or_not_it_keeps_them(cnn):
+    """In sequence the original's sampled targets are drawn in one pass and kept (when they
+    fit in ``cache_bytes``); drawn again per layer instead, the model is byte-identical."""
+    calib, _, removal, plain = _stem_and_mix_pruned(cnn)
+    kept = refit(cnn, plain, calib, removal=removal, max_rows=3000)
+    redrawn = refit(cnn, plain, calib, removal=removal, max_rows=3000, cache_bytes=0)
+    assert kept.SerializeToString() == redrawn.SerializeToString()
+
+
 def test_refit_session_runs_only_what_the_pulled_tensors_need(cnn, tmp_path):
     """A refit pass pulls a few tensors: its session computes their ancestors, nothing after
     them, and returns exactly those tensors."""
