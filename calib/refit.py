@@ -41,6 +41,8 @@ draws a seeded uniform subsample of at most ``ceil(max_rows / number of batches)
 every batch (at most ``max_rows`` rows per layer, spread over all batches), accumulated into
 ``K' x K'`` and ``K' x N`` float64 sums (``K' k k`` wide for a k x k conv): memory does not
 grow with the data; in sequence one layer's sums are held at a time, at once all of them.
+In sequence the original model runs once: every layer's sampled target rows are drawn in that
+pass and kept (``cache_bytes``, 512 MiB), and each layer's pass runs only the pruned model.
 ``batches`` that is not a sequence is materialized into a list (the inputs only) to count the
 batches.
 """
