@@ -198,13 +198,10 @@ def _widths(op: str, node: onnx.NodeProto, w: np.ndarray) -> tuple[int, int]:
 
 
 def _is_patch_conv(node: onnx.NodeProto, w: np.ndarray) -> bool:
-    """A Conv whose rows are patches: a kernel larger than 1x1, or any padding."""
+    """A Conv whose rows are patches: a kernel larger than 1x1, or explicit padding (``auto_pad``
+    SAME never pads a 1x1 kernel: ``(ceil(n / s) - 1) s + 1 <= n``)."""
     padded = any(int(p) != 0 for p in (attr(node, "pads", None) or []))
-    auto_pad = attr(node, "auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    return padded or auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(
-        int(d) != 1 for d in w.shape[2:]
-    )
+    return padded or any(int(d) != 1 for d in w.shape[2:])
 
 
 def _unsupported(

@@ -259,8 +259,7 @@ def _pull(model, name: str, feed) -> np.ndarray:
     pulled = onnx.ModelProto()
     pulled.CopyFrom(model)
     pulled.graph.output.append(onnx.ValueInfoProto(name=name))
-    sess = ort.InferenceSession(pulled.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run([name], feed)[0]
+    return run_model(pulled, feed)[-1]
 
 
 # -- (b) compensation lowers the error of random removals ---------------------------------------
