@@ -7,7 +7,9 @@ with ONNX Runtime. Each score (``--scores``) is then judged by the Spearman rank
 between its values and those errors, over all units of all groups (the global ranking stage 1
 uses), and by how many of the ``--lowest`` units it ranks lowest are among the same number of
 units that actually cost least. A score that ranks units by the damage their removal does
-scores 1 and ``--lowest`` of ``--lowest``.
+scores 1 and ``--lowest`` of ``--lowest``. A last table gives, per channel group, the
+median over its units of error / ``idap`` score: where it differs between groups, the global
+ranking rates one group's units cheaper than their damage next to another's.
 
 Usage::
 
@@ -41,26 +43,22 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def fidelity(model_seed: int, scores, lowest: int, batch: int = 64, log=print) -> dict:
-    """The single-unit errors and each score's agreement with them for one digits CNN."""
-    import onnx
-
+    """The single-unit errors and each score's agreement with them for one digits CNN; and,
+    per group, the median of error / ``idap`` score (damage per unit of score: equal across
+    groups when the score ranks them alike)."""
     from idap_onnx.calib.scores import unit_scores
     from idap_onnx.calib.stats import collect, plan_probes
     from idap_onnx.dependency import analyze_model
     from idap_onnx.metrics import Evaluator
     from idap_onnx.passes.compensate import means_from_stats, prune_with_compensation
-    from tools.digits import INPUT_NAME, build
+    from tools.bench_quality import digits_task
 
-    asset = build(seed=model_seed)
-    model = onnx.load(asset.model_path)
-    (x_tr, _), (x_va, y_va) = asset.train, asset.val
-    shapes = {INPUT_NAME: [1, *x_tr.shape[1:]]}
-    calib = [{INPUT_NAME: x_tr[i : i + batch]} for i in range(0, len(x_tr), batch)]
-    val = [{INPUT_NAME: x_va[i : i + batch]} for i in range(0, len(x_va), batch)]
+    task = digits_task(batch, model_seed)
+    model, shapes = task.model, task.shapes
     graph = analyze_model(model, shapes)
-    stats = collect(model, plan_probes(graph, scores=tuple(scores)), calib)
+    stats = collect(model, plan_probes(graph, scores=tuple(scores)), task.calib)
     means = means_from_stats(stats)
-    evaluator = Evaluator(model, val, labels=y_va, metric="top1")
+    evaluator = Evaluator(model, task.val, labels=task.val_labels, metric=task.metric)
     units, errors = [], []
     for g in graph.groups:
         if g.frozen:
@@ -71,7 +69,7 @@ def fidelity(model_seed: int, scores, lowest: int, batch: int = 64, log=print) -
             units.append((g.id, u))
     errors = np.asarray(errors)
     cheapest = set(np.argsort(errors, kind="stable")[:lowest].tolist())
-    out = {"model_seed": model_seed, "units": len(units), "scores": {}}
+    out = {"model_seed": model_seed, "units": len(units), "scores": {}, "idap_ratio": {}}
     for kind in scores:
         per_group = unit_scores(graph, stats, kind, mean_compensation=True)
         values = np.asarray([per_group[gid][u] for gid, u in units])
@@ -82,7 +80,18 @@ def fidelity(model_seed: int, scores, lowest: int, batch: int = 64, log=print) -
         }
         log(f"model seed {model_seed} {kind}: spearman {out['scores'][kind]['spearman']:.3f}, "
             f"{len(picked & cheapest)} of the {lowest} cheapest")
+        if kind == "idap":
+            gids = np.asarray([gid for gid, _ in units])
+            for g in graph.groups:
+                sel = (gids == g.id) & (values > 0)
+                if sel.any():
+                    label = " + ".join(sorted(_short(p) for p in g.producers))
+                    out["idap_ratio"][label] = float(np.median(errors[sel] / values[sel]))
     return out
+
+
+def _short(node: str) -> str:
+    return node.strip("/").split("/")[-2] if node.count("/") > 1 else node
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         rho = [r["scores"][kind]["spearman"] for r in rows]
         hit = [r["scores"][kind]["lowest_overlap"] for r in rows]
         print(f"| `{kind}` | {np.mean(rho):.3f} ({min(rho):.3f}) | {np.mean(hit):.1f} |")
+    groups = list(dict.fromkeys(g for r in rows for g in r["idap_ratio"]))
+    if groups:
+        print()
+        print("| group (producers) | error / `idap` score, median over units (mean, range "
+              "over models) |")
+        print("|---|---|")
+        for g in groups:
+            vals = [r["idap_ratio"][g] for r in rows if g in r["idap_ratio"]]
+            print(f"| {g} | {np.mean(vals):.3f} ({min(vals):.3f}-{max(vals):.3f}) |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
