@@ -345,11 +345,11 @@ def model_seeds(
     """Diagnostic: the digits comparison (MC on, the benchmark's schedule) repeated on CNNs
     trained with each of ``model_seeds`` (each its own split and initialization); a markdown
     table per target of the test metric per trained model, the mean, and ``idap``'s lead over
-    each score's mean. One trained model's test split has 360 images (1 image = 0.28
-    points), so a single model cannot separate scores closer than that."""
+    each score's mean, then a summary per score (``paired_leads``). One trained model's test
+    split has 360 images (1 image = 0.28 points), so a single model cannot separate scores
+    closer than that."""
 
-    tests: dict[tuple[float, str], list[float]] = {}
-    macs: dict[tuple[float, str], list[float]] = {}  # MACs reached, fraction of the original
+    runs_of: dict[tuple[float, str], list[dict]] = {}  # one averaged row per trained model
     originals = []
     for ms in model_seeds:
         task = digits_task(batch, ms)
@@ -360,11 +360,11 @@ def model_seeds(
                 runs = [run_variant(task, target, score, True, seed, p0, (val_ev, test_ev), log,
                                     round_to=round_to, refit=refit)
                         for seed in (seeds if score == "random" else (0,))]
-                tests.setdefault((target, score), []).append(
-                    float(np.mean([r["test"] for r in runs])))
-                macs.setdefault((target, score), []).append(
-                    float(np.mean([r["macs"] / r["macs0"] for r in runs])))
-                log(f"model seed {ms} target {target} {score}: test {tests[target, score][-1]:.4f}")
+                row = {k: float(np.mean([r[k] for r in runs]))
+                       for k in ("val", "test", "test_error")}
+                row["macs"] = float(np.mean([r["macs"] / r["macs0"] for r in runs]))
+                runs_of.setdefault((target, score), []).append(row)
+                log(f"model seed {ms} target {target} {score}: test {row['test']:.4f}")
     head = " | ".join(f"seed {ms}" for ms in model_seeds)
     lines = ["Original test top-1 per model seed: "
              + ", ".join(f"{100 * o:.2f}" for o in originals), ""]
@@ -376,16 +376,46 @@ def model_seeds(
         lines += [f"MACs target {100 * target:g} % kept (test top-1 %, MC on{rounding}):", "",
                   f"| score | {head} | mean | idap lead (mean) | MACs % (mean, range) |",
                   "|---|" + "---|" * (len(model_seeds) + 3)]
-        idap = np.mean(tests.get((target, "idap"), [np.nan]))
+        col = {score: np.array([[r[k] for k in ("val", "test", "test_error", "macs")]
+                                for r in runs_of[target, score]]) for score in scores}
+        idap = col.get("idap")
         for score in scores:
-            vals = tests[target, score]
-            lead = "" if score == "idap" else f"{100 * (idap - np.mean(vals)):+.2f}"
-            m = macs[target, score]
+            vals, m = col[score][:, 1], col[score][:, 3]
+            lead = "" if idap is None or score == "idap" else (
+                f"{100 * (idap[:, 1].mean() - vals.mean()):+.2f}")
             lines.append(f"| `{score}` | " + " | ".join(f"{100 * v:.2f}" for v in vals)
-                         + f" | {100 * np.mean(vals):.2f} | {lead} | {100 * np.mean(m):.1f} "
-                         f"({100 * min(m):.1f}-{100 * max(m):.1f}) |")
-        lines.append("")
+                         + f" | {100 * vals.mean():.2f} | {lead} | {100 * m.mean():.1f} "
+                         f"({100 * m.min():.1f}-{100 * m.max():.1f}) |")
+        lines += ["", *paired_leads(col), ""]
     return "\n".join(lines)
+
+
+def paired_leads(col: dict[str, np.ndarray]) -> list[str]:
+    """Markdown table: per score, the means over the trained models of validation top-1, test
+    top-1 and test relative output error ``||y - y0|| / ||y0||``, and ``idap``'s lead in test
+    top-1 as a paired comparison over the models: the mean of the per-model differences
+    ``d_m = idap_m - score_m`` with its 95 % t-interval ``mean(d) +- t_{0.975, n-1} sd(d) /
+    sqrt(n)``, and on how many models ``idap`` is ahead / level / behind. An interval that
+    contains 0 does not separate the two scores. ``col``: score -> array [models, (val, test,
+    test_error, macs)], metrics as fractions."""
+    from scipy import stats as st
+
+    lines = ["| score | val top-1 % | test top-1 % | test rel. error | idap lead, test "
+             "(95 % CI) | idap ahead / level / behind |", "|---|---|---|---|---|---|"]
+    idap = col.get("idap")
+    for score, a in col.items():
+        cells = [f"`{score}`", f"{100 * a[:, 0].mean():.2f}", f"{100 * a[:, 1].mean():.2f}",
+                 f"{a[:, 2].mean():.4f}"]
+        if idap is None or score == "idap" or len(a) < 2:
+            cells += ["", ""]
+        else:
+            d = 100 * (idap[:, 1] - a[:, 1])
+            half = st.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+            ahead, level = int((d > 1e-9).sum()), int((np.abs(d) <= 1e-9).sum())
+            cells += [f"{d.mean():+.2f} ({d.mean() - half:+.2f} to {d.mean() + half:+.2f})",
+                      f"{ahead} / {level} / {len(d) - ahead - level}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _sweep_p0(steps: int) -> float:
