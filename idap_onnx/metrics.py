@@ -14,6 +14,9 @@ Notation: ``y`` is a candidate's output, ``y0`` the original's, ``N`` the number
 * ``cosine(e, e0)          = (1/N) sum_i <e_i, e0_i> / (||e_i|| ||e0_i||)`` with each sample
   flattened to a vector (a pair of zero vectors counts as 1, one zero vector as 0)
 
+:func:`per_sample` (and :meth:`Evaluator.per_sample`) gives the terms of the three means above
+one sample at a time, for paired comparisons of two models on the same data.
+
 The arg-max is taken over the last axis, so ``[N, C]`` logits give one prediction per sample and
 ``[N, T, C]`` token logits one per token (labels then have shape ``[N, T]``).
 
@@ -47,6 +50,7 @@ __all__ = [
     "agreement",
     "cosine",
     "looks_like_logits",
+    "per_sample",
     "rel_l2",
     "top1",
 ]
@@ -93,6 +97,10 @@ def top1(logits: ArrayLike, labels: np.ndarray) -> float:
     ``labels`` are integer class ids aligned with the samples (shape ``logits.shape[:-1]``), or
     one-hot / score rows of the same shape as ``logits`` (their arg-max is taken).
     """
+    return float(np.mean(_top1_hits(logits, labels)))
+
+
+def _top1_hits(logits: ArrayLike, labels: np.ndarray) -> np.ndarray:
     pred = _predictions(logits)
     lab = np.asarray(labels)
     if lab.ndim >= 2 and lab.shape == _concat(logits).shape:
@@ -102,17 +110,21 @@ def top1(logits: ArrayLike, labels: np.ndarray) -> float:
         raise ValueError(f"{lab.size} labels for {pred.size} predictions")
     if pred.size == 0:
         raise ValueError("no samples")
-    return float(np.mean(pred == lab))
+    return (pred == lab).astype(np.float64)
 
 
 def agreement(logits: ArrayLike, ref_logits: ArrayLike) -> float:
     """Top-1 agreement with the original, in [0, 1]: ``(1/N) sum_i [argmax y_i == argmax y0_i]``."""
+    return float(np.mean(_agreement_hits(logits, ref_logits)))
+
+
+def _agreement_hits(logits: ArrayLike, ref_logits: ArrayLike) -> np.ndarray:
     pred, ref = _predictions(logits), _predictions(ref_logits)
     if pred.size != ref.size:
         raise ValueError(f"{pred.size} predictions against {ref.size} reference predictions")
     if pred.size == 0:
         raise ValueError("no samples")
-    return float(np.mean(pred == ref))
+    return (pred == ref).astype(np.float64)
 
 
 def rel_l2(outputs: ArrayLike, ref_outputs: ArrayLike) -> float:
@@ -141,10 +153,14 @@ def cosine(emb: ArrayLike, ref_emb: ArrayLike) -> float:
     Each sample (row along axis 0) is flattened to a vector. Two zero vectors count as 1 (they
     agree), a zero vector against a non-zero one as 0.
     """
+    return float(np.mean(_cosines(emb, ref_emb)))
+
+
+def _cosines(emb: ArrayLike, ref_emb: ArrayLike) -> np.ndarray:
     es, e0s = _chunks(emb), _chunks(ref_emb)
     if len(es) != len(e0s):
         raise ValueError(f"{len(es)} arrays against {len(e0s)} reference arrays")
-    total, count = 0.0, 0
+    sims = []
     for e, e0 in zip(es, e0s, strict=True):
         if e.shape != e0.shape:
             raise ValueError(f"shape {e.shape} against reference shape {e0.shape}")
@@ -156,12 +172,36 @@ def cosine(emb: ArrayLike, ref_emb: ArrayLike) -> float:
         dot = np.sum(a * b, axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             sim = dot / (na * nb)  # NaN/inf samples stay NaN
-        sim = np.where((na == 0) & (nb == 0), 1.0, np.where((na == 0) ^ (nb == 0), 0.0, sim))
-        total += float(np.sum(sim))
-        count += a.shape[0]
-    if count == 0:
+        sims.append(
+            np.where((na == 0) & (nb == 0), 1.0, np.where((na == 0) ^ (nb == 0), 0.0, sim))
+        )
+    if not sims or sum(len(x) for x in sims) == 0:
         raise ValueError("no samples")
-    return total / count
+    return np.concatenate(sims)
+
+
+def per_sample(
+    metric: str, outputs: ArrayLike, ref_outputs: ArrayLike, labels: np.ndarray | None = None
+) -> np.ndarray:
+    """The built-in ``metric`` sample by sample (token by token for ``[N, T, C]`` logits): the
+    values whose mean is ``top1``, ``agreement`` or ``cosine``, for paired comparisons of two
+    models on the same data. ``rel-l2`` pools its ratio over all samples, so it has none.
+
+    Raises:
+        ValueError: ``rel-l2`` or an unknown metric, ``top1`` without labels, or the errors of
+            the metric itself.
+    """
+    if metric == "top1":
+        if labels is None:
+            raise ValueError("metric 'top1' needs labels")
+        return _top1_hits(outputs, labels)
+    if metric == "agreement":
+        return _agreement_hits(outputs, ref_outputs)
+    if metric == "cosine":
+        return _cosines(outputs, ref_outputs)
+    raise ValueError(
+        f"metric {metric!r} has no per-sample values; choose top1, agreement or cosine"
+    )
 
 
 def looks_like_logits(output: ArrayLike) -> bool:
@@ -277,6 +317,17 @@ class Evaluator:
     def evaluate(self, model: ModelLike) -> Evaluation:
         """Runs ``model`` on the validation batches (one session) and judges output 0."""
         return self._judge(self._run(model))
+
+    def per_sample(self, model: ModelLike) -> np.ndarray:
+        """Runs ``model`` on the batches and returns the built-in metric per sample
+        (:func:`per_sample`; its mean is :meth:`evaluate`'s metric).
+
+        Raises:
+            ValueError: for ``rel-l2`` or a callable metric, which have no per-sample values.
+        """
+        if self._fn is not None:
+            raise ValueError("a callable metric has no per-sample values")
+        return per_sample(self.metric_name, self._run(model)[0], self.ref_outputs[0], self.labels)
 
     def drop(self, evaluation: Evaluation) -> float:
         """Metric points lost against the original (see the module docstring); ``inf`` if the

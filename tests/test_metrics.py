@@ -10,7 +10,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from idap_onnx import metrics
-from idap_onnx.metrics import Evaluation, Evaluator, agreement, cosine, rel_l2, top1
+from idap_onnx.metrics import (
+    Evaluation,
+    Evaluator,
+    agreement,
+    cosine,
+    per_sample,
+    rel_l2,
+    top1,
+)
 
 # ----------------------------------------------------------------------------------- metrics
 
@@ -243,3 +251,31 @@ def test_evaluator_usage_errors(setup):
     # a candidate whose judged output changed shape cannot be compared
     with pytest.raises(ValueError, match="shape"):
         ev.evaluate(_linear_model(np.zeros((6, 3)), np.zeros(3)))
+
+
+@pytest.mark.parametrize("metric", ["top1", "agreement", "cosine"])
+def test_per_sample_values_average_to_the_metric(setup, metric):
+    w, b, x, batches, labels = setup
+    ev = Evaluator(_linear_model(w, b), batches, labels=labels, metric=metric)
+    w2 = w.copy()
+    w2[:, 0] *= -1.0
+    candidate = _linear_model(w2, b)
+    values = ev.per_sample(candidate)
+    assert values.shape == (40,)
+    assert values.mean() == pytest.approx(ev.evaluate(candidate).metric, rel=1e-6)
+    y0, y = x.astype(np.float64) @ w + b, x.astype(np.float64) @ w2 + b
+    if metric == "cosine":  # sample i's own cosine
+        a, a0 = y[3], y0[3]
+        assert values[3] == pytest.approx(a @ a0 / np.linalg.norm(a) / np.linalg.norm(a0))
+    else:
+        assert set(np.unique(values)) <= {0.0, 1.0}
+
+
+def test_rel_l2_and_callables_have_no_per_sample_values(setup):
+    w, b, _, batches, labels = setup
+    with pytest.raises(ValueError, match="no per-sample"):
+        Evaluator(_linear_model(w, b), batches, metric="rel-l2").per_sample(_linear_model(w, b))
+    with pytest.raises(ValueError, match="no per-sample"):
+        per_sample("rel-l2", np.ones((2, 3)), np.ones((2, 3)))
+    with pytest.raises(ValueError, match="labels"):
+        per_sample("top1", np.ones((2, 3)), np.ones((2, 3)))

@@ -30,3 +30,11 @@ def test_an_interval_that_contains_zero_shows_a_tie():
     low, high = (float(x) for x in row.split(" | ")[4].split("(")[1].rstrip(")").split(" to "))
     assert low < 0 < high
     assert row.endswith("| 1 / 1 / 1 |")
+
+
+def test_a_rows_lead_carries_the_interval_of_its_per_sample_differences():
+    ref = {"test": 0.75, "test_samples": [1.0, 1.0, 0.0, 1.0]}
+    row = {"test": 0.5, "test_samples": [1.0, 0.0, 0.0, 1.0]}
+    # d = [0, 100, 0, 0]: mean 25, sd 50, half-width 3.1824 * 50 / 2
+    assert bench._lead(ref, row) == f"+25.00 ({25 - 79.56:+.2f} to {25 + 79.56:+.2f})"
+    assert bench._lead(ref, {"test": 0.5, "test_samples": None}) == "+25.00"  # an older row

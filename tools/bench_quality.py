@@ -228,6 +228,7 @@ def run_variant(
     )
     seconds = time.perf_counter() - t0
     test = test_ev.evaluate(result.model)
+    samples = test_ev.per_sample(result.model)  # for the paired interval of the lead
     accepted = sum(1 for s in result.steps if s.accepted)
     return {
         "model": task.name,
@@ -246,6 +247,7 @@ def run_variant(
         "val_error": result.final["error"],
         "test": test.metric,
         "test_error": test.rel_error,
+        "test_samples": [round(float(v), 6) for v in samples],
         "steps": accepted,
         "seconds": seconds,
         "kept": task.kept(result.kept),
@@ -398,8 +400,6 @@ def paired_leads(col: dict[str, np.ndarray]) -> list[str]:
     sqrt(n)``, and on how many models ``idap`` is ahead / level / behind. An interval that
     contains 0 does not separate the two scores. ``col``: score -> array [models, (val, test,
     test_error, macs)], metrics as fractions."""
-    from scipy import stats as st
-
     lines = ["| score | val top-1 % | test top-1 % | test rel. error | idap lead, test "
              "(95 % CI) | idap ahead / level / behind |", "|---|---|---|---|---|---|"]
     idap = col.get("idap")
@@ -410,9 +410,9 @@ def paired_leads(col: dict[str, np.ndarray]) -> list[str]:
             cells += ["", ""]
         else:
             d = 100 * (idap[:, 1] - a[:, 1])
-            half = st.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+            mean, half = t_interval(d)
             ahead, level = int((d > 1e-9).sum()), int((np.abs(d) <= 1e-9).sum())
-            cells += [f"{d.mean():+.2f} ({d.mean() - half:+.2f} to {d.mean() + half:+.2f})",
+            cells += [f"{mean:+.2f} ({mean - half:+.2f} to {mean + half:+.2f})",
                       f"{ahead} / {level} / {len(d) - ahead - level}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -448,6 +448,11 @@ def _group(rows: list[dict]) -> list[dict]:
         for key in ("macs", "params", "val", "val_error", "test", "test_error", "seconds", "steps"):
             row[key] = float(np.mean([g[key] for g in group]))
         row["n"] = len(group)
+        samples = [g.get("test_samples") for g in group]
+        if all(samples) and len({len(x) for x in samples}) == 1:
+            row["test_samples"] = np.mean(np.array(samples, dtype=np.float64), axis=0)
+        else:
+            row["test_samples"] = None  # rows from before per-sample values were kept
         row["target_met"] = all(g["target_met"] for g in group)
         row["test_range"] = (min(g["test"] for g in group), max(g["test"] for g in group))
         row["val_range"] = (min(g["val"] for g in group), max(g["val"] for g in group))
@@ -470,6 +475,28 @@ def _fmt_metric(value: float, rng: tuple[float, float] | None, n: int) -> str:
     text = _pct(value)
     if rng and n > 1:
         text += f" ({_pct(rng[0])}-{_pct(rng[1])})"
+    return text
+
+
+def t_interval(d: np.ndarray) -> tuple[float, float]:
+    """Mean of the paired differences ``d`` and the half-width of its 95 % t-interval,
+    ``t_{0.975, n-1} sd(d) / sqrt(n)`` (NaN for fewer than 2 values)."""
+    from scipy import stats as st
+
+    d = np.asarray(d, dtype=np.float64)
+    if len(d) < 2:
+        return float(np.mean(d)) if len(d) else float("nan"), float("nan")
+    return float(d.mean()), float(st.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def _lead(ref: dict, g: dict) -> str:
+    """``idap``'s lead over row ``g`` on test, in points; with both rows' per-sample values,
+    the 95 % t-interval of the mean per-sample difference (the same test samples, paired)."""
+    text = f"{100 * (ref['test'] - g['test']):+.2f}"
+    a, b = ref.get("test_samples"), g.get("test_samples")
+    if a is not None and b is not None and len(a) == len(b):
+        mean, half = t_interval(100 * (np.asarray(a) - np.asarray(b)))
+        text += f" ({mean - half:+.2f} to {mean + half:+.2f})"
     return text
 
 
@@ -505,7 +532,12 @@ def render(rows: list[dict], infos: list[dict], meta: dict) -> str:
         "*val*/*test*: the metric x 100 (top-1 in %, cosine x 100) on the validation split "
         "(the one `optimize` judges steps on) and on the held-out test split; *val err*: "
         "relative output error ||y - y0|| / ||y0|| on validation; *idap lead*: **`idap`** "
-        "(with MC) minus the row on test, in points (positive: `idap` is better); *steps*: "
+        "(with MC) minus the row on test, in points (positive: `idap` is better), with the 95 % "
+        "t-interval of the mean per-sample difference in brackets (the two models paired on "
+        "the same test samples: per image 1 or 0 correct, per sentence the cosine; a random "
+        "row's per-sample values are the mean over its seeds, so its interval covers the "
+        "test samples, not the seeds; rows kept from runs before per-sample values were "
+        "recorded have none); *steps*: "
         "accepted stage-1 steps; *time*: wall time of `optimize` (mean per run for random). "
         "Random rows give the mean over seeds and the seeds' range in brackets.",
         "",
@@ -539,7 +571,7 @@ def render(rows: list[dict], infos: list[dict], meta: dict) -> str:
                 "|---|---|---|---|---|---|---|---|---|",
             ]
             for g in sorted(group, key=lambda g: -g["test"]):
-                lead = "" if ref is None or g is ref else f"{100 * (ref['test'] - g['test']):+.2f}"
+                lead = "" if ref is None or g is ref else _lead(ref, g)
                 if lead and not ref["target_met"]:
                     lead += " (not matched)"
                 lines.append(_row(g) + f" {lead} | {g['steps']:.0f} | {g['seconds']:.1f} |")
