@@ -44,6 +44,7 @@ from typing import Any
 import onnx
 from onnx import helper, shape_inference
 
+from idap_onnx.conv_taps import conv_pads
 from idap_onnx.errors import UsageError
 from idap_onnx.shapes import complete_shapes
 
@@ -375,23 +376,17 @@ def _conv_macs(node: onnx.NodeProto, shapes: ShapeMap) -> int | None:
 
 
 def _conv_output_shape(node: onnx.NodeProto, x: Shape, w: Shape) -> Shape:
-    """The Conv output ``[N, C_out, *spatial]`` from its attributes (ONNX Conv formula)."""
+    """The Conv output ``[N, C_out, *spatial]`` from its attributes (ONNX Conv formula:
+    ``(size + pad_begin + pad_end - span) // stride + 1``, pads from ``conv_taps.conv_pads``)."""
     spatial = len(x) - 2
     kernel = _attr(node, "kernel_shape", None) or list(w[2:])
     strides = _attr(node, "strides", None) or [1] * spatial
     dilations = _attr(node, "dilations", None) or [1] * spatial
-    pads = _attr(node, "pads", None) or [0] * (2 * spatial)
-    auto_pad = _attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    pads = conv_pads(node, x[2:], kernel, strides, dilations)
     out = []
     for i in range(spatial):
         span = dilations[i] * (kernel[i] - 1) + 1
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            out.append(-(-x[i + 2] // strides[i]))
-        elif auto_pad == "VALID":
-            out.append((x[i + 2] - span) // strides[i] + 1)
-        else:
-            out.append((x[i + 2] + pads[i] + pads[i + spatial] - span) // strides[i] + 1)
+        out.append((x[i + 2] + pads[i] + pads[i + spatial] - span) // strides[i] + 1)
     return (x[0], w[0], *out)
 
 

@@ -79,17 +79,31 @@ def same_pads(
     return begins + ends
 
 
+def explicit_pads(
+    auto_pad: str | bytes,
+    pads: Sequence[int] | None,
+    spatial: Sequence[int],
+    kernel: Sequence[int],
+    strides,
+    dilations,
+) -> list[int]:
+    """The explicit ``[begins..., ends...]`` pads that a Conv or pool's ``auto_pad`` and
+    ``pads`` attributes give on an input of ``spatial`` size (``same_pads`` for SAME_*, zeros
+    for VALID, else ``pads`` or zeros)."""
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return same_pads(auto_pad, spatial, kernel, strides, dilations)
+    if auto_pad == "VALID" or not pads:
+        return [0] * (2 * len(kernel))
+    return list(pads)
+
+
 def conv_pads(
     node: onnx.NodeProto, spatial: Sequence[int], kernel: Sequence[int], strides, dilations
 ) -> list[int]:
     """The explicit ``[begins..., ends...]`` pads of a Conv on an input of ``spatial`` size."""
-    auto_pad = attr(node, "auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        return same_pads(auto_pad, spatial, kernel, strides, dilations)
-    if auto_pad == "VALID":
-        return [0] * (2 * len(kernel))
-    return list(attr(node, "pads", None) or [0] * (2 * len(kernel)))
+    return explicit_pads(attr(node, "auto_pad", "NOTSET"), attr(node, "pads", None), spatial,
+                         kernel, strides, dilations)
 
 
 def tap_patterns(

@@ -30,7 +30,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from idap_onnx.conv_taps import same_pads
+from idap_onnx.conv_taps import explicit_pads
 from idap_onnx.torch_graph.resize import resize
 
 Tensor = torch.Tensor
@@ -474,13 +474,8 @@ def _einsum(node, rt, x):
 
 
 def _conv_pads(node: Node, t: Tensor, kernel, strides, dilations) -> list[int]:
-    nsp = len(kernel)
-    auto_pad = node.attr("auto_pad", "NOTSET")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        return same_pads(auto_pad, list(t.shape[2:]), kernel, strides, dilations)
-    if auto_pad == "VALID":
-        return [0] * (2 * nsp)
-    return list(node.attr("pads", [0] * (2 * nsp)))
+    return explicit_pads(node.attr("auto_pad", "NOTSET"), node.attr("pads"),
+                         list(t.shape[2:]), kernel, strides, dilations)
 
 
 def _torch_pad(pads: Sequence[int]) -> list[int]:
