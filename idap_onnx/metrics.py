@@ -14,8 +14,8 @@ Notation: ``y`` is a candidate's output, ``y0`` the original's, ``N`` the number
 * ``cosine(e, e0)          = (1/N) sum_i <e_i, e0_i> / (||e_i|| ||e0_i||)`` with each sample
   flattened to a vector (a pair of zero vectors counts as 1, one zero vector as 0)
 
-:func:`per_sample` (and :meth:`Evaluator.per_sample`) gives the terms of the three means above
-one sample at a time, for paired comparisons of two models on the same data.
+:func:`per_sample` (and :meth:`Evaluator.evaluate_per_sample`) gives the terms of the three
+means above one sample at a time, for paired comparisons of two models on the same data.
 
 The arg-max is taken over the last axis, so ``[N, C]`` logits give one prediction per sample and
 ``[N, T, C]`` token logits one per token (labels then have shape ``[N, T]``).
@@ -318,16 +318,18 @@ class Evaluator:
         """Runs ``model`` on the validation batches (one session) and judges output 0."""
         return self._judge(self._run(model))
 
-    def per_sample(self, model: ModelLike) -> np.ndarray:
-        """Runs ``model`` on the batches and returns the built-in metric per sample
-        (:func:`per_sample`; its mean is :meth:`evaluate`'s metric).
+    def evaluate_per_sample(self, model: ModelLike) -> tuple[Evaluation, np.ndarray]:
+        """Runs ``model`` once: :meth:`evaluate`'s result and the built-in metric per sample
+        (:func:`per_sample`; its mean is the evaluation's metric).
 
         Raises:
             ValueError: for ``rel-l2`` or a callable metric, which have no per-sample values.
         """
         if self._fn is not None:
             raise ValueError("a callable metric has no per-sample values")
-        return per_sample(self.metric_name, self._run(model)[0], self.ref_outputs[0], self.labels)
+        outputs = self._run(model)
+        values = per_sample(self.metric_name, outputs[0], self.ref_outputs[0], self.labels)
+        return self._judge(outputs), values
 
     def drop(self, evaluation: Evaluation) -> float:
         """Metric points lost against the original (see the module docstring); ``inf`` if the

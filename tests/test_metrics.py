@@ -260,8 +260,9 @@ def test_per_sample_values_average_to_the_metric(setup, metric):
     w2 = w.copy()
     w2[:, 0] *= -1.0
     candidate = _linear_model(w2, b)
-    values = ev.per_sample(candidate)
+    evaluation, values = ev.evaluate_per_sample(candidate)
     assert values.shape == (40,)
+    assert evaluation == ev.evaluate(candidate)
     assert values.mean() == pytest.approx(ev.evaluate(candidate).metric, rel=1e-6)
     y0, y = x.astype(np.float64) @ w + b, x.astype(np.float64) @ w2 + b
     if metric == "cosine":  # sample i's own cosine
@@ -274,7 +275,9 @@ def test_per_sample_values_average_to_the_metric(setup, metric):
 def test_rel_l2_and_callables_have_no_per_sample_values(setup):
     w, b, _, batches, labels = setup
     with pytest.raises(ValueError, match="no per-sample"):
-        Evaluator(_linear_model(w, b), batches, metric="rel-l2").per_sample(_linear_model(w, b))
+        Evaluator(_linear_model(w, b), batches, metric="rel-l2").evaluate_per_sample(
+            _linear_model(w, b)
+        )
     with pytest.raises(ValueError, match="no per-sample"):
         per_sample("rel-l2", np.ones((2, 3)), np.ones((2, 3)))
     with pytest.raises(ValueError, match="labels"):

@@ -227,8 +227,7 @@ def run_variant(
         progress=lambda line: log(f"    {line}"),
     )
     seconds = time.perf_counter() - t0
-    test = test_ev.evaluate(result.model)
-    samples = test_ev.per_sample(result.model)  # for the paired interval of the lead
+    test, samples = test_ev.evaluate_per_sample(result.model)  # samples: the lead's interval
     accepted = sum(1 for s in result.steps if s.accepted)
     return {
         "model": task.name,
