@@ -105,7 +105,8 @@ def _npz(path: Path, limit: int | None = None) -> dict[str, np.ndarray]:
     return {k: v[:limit] for k, v in arrays.items()} if limit else arrays
 
 
-def _short(name: str) -> str:
+def short_name(name: str) -> str:
+    """A node's module path, as in the kept widths: ``/stem/stem.3/Conv`` -> ``stem.3``."""
     parts = [p for p in name.split("/") if p]
     return "/".join(parts[-2:-1]) or name
 
@@ -121,7 +122,7 @@ def digits_task(batch: int, seed: int = 0) -> Task:
 
     def kept(widths: dict) -> str:
         return ", ".join(
-            f"{_short(n)} {w['after']}/{w['before']}"
+            f"{short_name(n)} {w['after']}/{w['before']}"
             for n, w in widths.items()
             if n.endswith("Conv")
         )

@@ -51,7 +51,7 @@ def fidelity(model_seed: int, scores, lowest: int, batch: int = 64, log=print) -
     from idap_onnx.dependency import analyze_model
     from idap_onnx.metrics import Evaluator
     from idap_onnx.passes.compensate import means_from_stats, prune_with_compensation
-    from tools.bench_quality import digits_task
+    from tools.bench_quality import digits_task, short_name
 
     task = digits_task(batch, model_seed)
     model, shapes = task.model, task.shapes
@@ -85,13 +85,9 @@ def fidelity(model_seed: int, scores, lowest: int, batch: int = 64, log=print) -
             for g in graph.groups:
                 sel = (gids == g.id) & (values > 0)
                 if sel.any():
-                    label = " + ".join(sorted(_short(p) for p in g.producers))
+                    label = " + ".join(sorted(short_name(p) for p in g.producers))
                     out["idap_ratio"][label] = float(np.median(errors[sel] / values[sel]))
     return out
-
-
-def _short(node: str) -> str:
-    return node.strip("/").split("/")[-2] if node.count("/") > 1 else node
 
 
 def main(argv: list[str] | None = None) -> int:
