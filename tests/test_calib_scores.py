@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
+from activations import pull
 from tools_loader import load_tool
 from torch import nn
 
@@ -62,21 +62,6 @@ def _measure(model):
     return graph, plan, collect(model, plan, _batches())
 
 
-def _pull(model, names, feeds):
-    """The full activations ``names``, from a session without graph optimizations (the
-    reference: ``collect``'s fused kernels round differently, far below the tolerances)."""
-    pulled = onnx.ModelProto()
-    pulled.CopyFrom(model)
-    for name in names:
-        pulled.graph.output.append(onnx.ValueInfoProto(name=name))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(pulled.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
-    out = sess.run(None, feeds)
-    return dict(zip([o.name for o in pulled.graph.output], out, strict=True))
-
-
 def _rel_error(got: np.ndarray, want: np.ndarray) -> float:
     """||got - want|| / ||want||: the relative error of a statistic vector (per element it
     would be ill-posed where a channel's mean is near 0)."""
@@ -87,7 +72,7 @@ def _assert_stats_match_numpy(model, plan, stats, feeds) -> None:
     """Every in-graph statistic equals numpy in float64 on the full activations (relative
     error < 1e-6), though the graph sums within a sample in float32."""
     names = list(plan.channels) + sorted(plan.energies)
-    full = [_pull(model, names, feed) for feed in feeds]
+    full = [pull(model, names, feed) for feed in feeds]
     for t, probe in plan.channels.items():
         acts = np.concatenate(
             [np.moveaxis(f[t], probe.axis, 0).reshape(f[t].shape[probe.axis], -1) for f in full],
@@ -239,7 +224,7 @@ def test_a_branch_unit_is_measured_against_the_block_output(tiny):
     assert residual_flows(graph.index, blocks) == {b_conv.output[0]: block.output}
 
     x_b = b_conv.input[0]
-    full = [_pull(tiny, [x_b, block.output], feed) for feed in _batches()]
+    full = [pull(tiny, [x_b, block.output], feed) for feed in _batches()]
     acts = np.concatenate([f[x_b] for f in full]).astype(np.float64)  # [N, 6, H, W]
     y = np.concatenate([f[block.output] for f in full]).astype(np.float64)
     w = graph.index.constant(b_conv.input[1]).astype(np.float64)  # [8, 6, 1, 1]
@@ -259,7 +244,7 @@ def test_layer_divergence_equals_numpy_on_full_activations(tiny):
     assert [b.kind for b in plan.blocks.values()] == ["residual"]
     d_l = block_divergence(stats)
     for name, block in plan.blocks.items():
-        full = [_pull(tiny, [block.input, block.output], feed) for feed in _batches()]
+        full = [pull(tiny, [block.input, block.output], feed) for feed in _batches()]
 
         def norms(a: np.ndarray) -> float:
             return float(np.linalg.norm(a.reshape(len(a), -1), axis=1).sum())

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from activations import pull
 from onnx import numpy_helper
 
 from idap_onnx.calib.refit import LayerRefit, refit
@@ -235,8 +236,8 @@ def test_a_padded_conv_keeps_exactly_the_border_spread_that_the_score_counts(tmp
 
     body = _node(model, "/body/Conv")
     y = body.output[0]
-    before = np.concatenate([_pull(model, y, f) for f in data]).astype(np.float64)
-    after = np.concatenate([_pull(pruned, y, f) for f in data]).astype(np.float64)
+    before = np.concatenate([pull(model, [y], f)[y] for f in data]).astype(np.float64)
+    after = np.concatenate([pull(pruned, [y], f)[y] for f in data]).astype(np.float64)
     changed = float(((after - before) ** 2).sum()) / len(before)
 
     w = _init(model, "body.weight")[:, 3:4]
@@ -252,14 +253,6 @@ def test_a_padded_conv_keeps_exactly_the_border_spread_that_the_score_counts(tmp
     whole_kernel = w.reshape(6, -1).sum(axis=1, keepdims=True)
     left_by_whole_kernel = 0.7**2 * float((((m_p - whole_kernel) ** 2) @ taps.counts).sum())
     assert left_by_whole_kernel > 1.1 * changed
-
-
-def _pull(model, name: str, feed) -> np.ndarray:
-    """Tensor ``name`` of ``model`` on ``feed`` (added as an extra graph output)."""
-    pulled = onnx.ModelProto()
-    pulled.CopyFrom(model)
-    pulled.graph.output.append(onnx.ValueInfoProto(name=name))
-    return run_model(pulled, feed)[-1]
 
 
 # -- (b) compensation lowers the error of random removals ---------------------------------------
