@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 
 from idap_onnx.errors import SurgeryError, UnsupportedModelError, UsageError
+from idap_onnx.padding import shape_groups
 
 Sample = Mapping[str, np.ndarray]
 
@@ -119,16 +120,6 @@ def _stack(samples: Sequence[Sample], idx: Sequence[int], names: Sequence[str]):
         n: torch.from_numpy(np.ascontiguousarray(np.stack([samples[i][n] for i in idx])))
         for n in names
     }
-
-
-def _shape_groups(samples: Sequence[Sample], names: Sequence[str]) -> list[np.ndarray]:
-    """Indices of ``samples`` grouped by their input shapes (first-seen order; within a group,
-    data order). Samples of different shapes (text of different lengths) are never stacked
-    into one batch."""
-    groups: dict[tuple, list[int]] = {}
-    for i, s in enumerate(samples):
-        groups.setdefault(tuple(np.shape(s[n]) for n in names), []).append(i)
-    return [np.asarray(g, dtype=np.int64) for g in groups.values()]
 
 
 def _batches(groups: Sequence[np.ndarray], bs: int, rng=None) -> list[np.ndarray]:
@@ -219,7 +210,7 @@ def recalibrate_bn(module, samples: Sequence[Sample], batch_size: int, names, de
     module.train()
     n_batches = 0
     with torch.no_grad():
-        for idx in _batches(_shape_groups(samples, names), batch_size):
+        for idx in _batches(shape_groups(samples, names), batch_size):
             feeds = {k: v.to(device) for k, v in _stack(samples, idx, names).items()}
             for m, v in pairs:  # momentum 1: the buffers hold this batch's statistics
                 m.zero_()
@@ -368,7 +359,7 @@ def _train(s_mod, t_mod, data, labels, val, val_labels, config, device, progress
     outputs = list(s_mod.output_names)
     n = len(data)
     bs = min(config.batch_size, n)
-    groups = _shape_groups(data, names)
+    groups = shape_groups(data, names)
     steps = config.steps or sum(math.ceil(len(g) / bs) for g in groups)
     total_steps = max(config.epochs * steps, 1)
     if config.recalibrate_bn:
@@ -390,7 +381,7 @@ def _train(s_mod, t_mod, data, labels, val, val_labels, config, device, progress
 
     # teacher outputs on the validation part, once
     val_batches = []
-    for idx in _batches(_shape_groups(val, names), bs) if val else []:
+    for idx in _batches(shape_groups(val, names), bs) if val else []:
         feeds = {k: v.to(device) for k, v in _stack(val, idx, names).items()}
         y = None if val_labels is None else torch.from_numpy(val_labels[idx])
         val_batches.append((feeds, teacher_out(feeds), y))
@@ -499,7 +490,7 @@ def _check_written(model: onnx.ModelProto, module, samples, names, n: int = 8) -
 
     if not samples:
         return
-    idx = _shape_groups(samples, names)[0][:n]
+    idx = shape_groups(samples, names)[0][:n]
     feeds = _stack(samples, idx, names)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

@@ -60,7 +60,7 @@ class OptimizeConfig:
     metric: str = "auto"
     score: str = "idap"
     mean_compensation: bool = True
-    refit: bool = False
+    refit: bool = True
     p0: float = 0.05
     alpha: float = 1.5
     steps: int = 10
@@ -117,6 +117,8 @@ class Step:
     drop: float
     accepted: bool
     seconds: float
+    refit_seconds: float = 0.0  # of ``seconds``: the least-squares refit
+    refitted: int = 0  # consumers the refit rewrote
 
 
 @dataclass
@@ -223,7 +225,10 @@ def optimize(
         final={},
     )
     current, cost = model, cost0
-    train = _training_samples(calib_batches, model) if config.finetune else None
+    train, cut = _training_samples(calib_batches, model) if config.finetune or config.refit else (
+        None, False)
+    refit_calib = _refit_batches(calib_batches, train, cut) if config.refit else calib_batches
+    train = train if config.finetune else None
     if 1 in config.stages:
         current, cost = _stage1(
             current,
@@ -238,6 +243,7 @@ def optimize(
             say,
             teacher=model,
             train=train,
+            refit_calib=refit_calib,
         )
     if 2 in config.stages and not _met(cost, target_macs, target_params):
         current, cost = _stage2(
@@ -281,9 +287,9 @@ def _within(evaluation, evaluator: Evaluator, budget: tuple[str, float]) -> tupl
     return value <= limit + 1e-12, drop
 
 
-def _training_samples(calib, teacher) -> list[dict]:
-    """The calibration part as fine-tuning samples, text padding cut where ``teacher`` is shown
-    to ignore it (``padding.trim_padding``); made once per run."""
+def _training_samples(calib, teacher) -> tuple[list[dict], bool]:
+    """The calibration part as single samples, text padding cut where ``teacher`` is shown
+    to ignore it (``padding.trim_padding``), and whether it was cut; made once per run."""
     from idap_onnx.padding import trim_padding
 
     samples = [
@@ -291,7 +297,18 @@ def _training_samples(calib, teacher) -> list[dict]:
         for batch in calib
         for i in range(len(next(iter(batch.values()))))
     ]
-    return trim_padding(samples, teacher)[0]
+    samples, note = trim_padding(samples, teacher)
+    return samples, note.startswith("padding cut")
+
+
+def _refit_batches(calib, samples: list[dict], cut: bool) -> list[dict]:
+    """What the refit reads: the calibration part, or where its text padding was cut
+    (``_training_samples``) the cut samples, those of one length stacked together: rows at
+    padded positions are never fitted, and the runs skip their work."""
+    from idap_onnx.calib.refit import MERGE_SAMPLES
+    from idap_onnx.padding import stacked
+
+    return stacked(samples, MERGE_SAMPLES) if cut else list(calib)
 
 
 def _finetuned(candidate, teacher, samples, config, epochs, say):
@@ -315,8 +332,11 @@ def _finetuned(candidate, teacher, samples, config, epochs, say):
 
 def _stage1(
     current, cost, calib, evaluator, config, shapes, budget, targets, result, say, teacher=None,
-    train=None,
+    train=None, refit_calib=None,
 ):
+    from idap_onnx.calib.refit import TargetCache
+
+    cache = TargetCache() if config.refit else None  # each refit's result's targets, for the next
     steps = config.steps
     for t in range(steps):
         if _met(cost, *targets):
@@ -337,7 +357,8 @@ def _stage1(
             if not removal:
                 say(f"stage 1 step {t}: nothing left to remove")
                 return current, cost
-            candidate = _prune(current, graph, removal, stats, config, shapes, calib)
+            candidate, refit_info = _prune(current, graph, removal, stats, config, shapes,
+                                           refit_calib or calib, cache)
             candidate = _finetuned(candidate, teacher, train, config, 1, say)
             new_cost = model_cost(candidate, shapes)
             ev = evaluator.evaluate(candidate)
@@ -358,10 +379,12 @@ def _stage1(
                     drop,
                     ok,
                     time.perf_counter() - t0,
+                    *refit_info,
                 )
             )
+            refitted = f", {refit_info[1]} refitted" if config.refit else ""
             say(
-                f"stage 1 step {t}.{attempt}: -{units} units, MACs {new_cost.macs:,}, "
+                f"stage 1 step {t}.{attempt}: -{units} units{refitted}, MACs {new_cost.macs:,}, "
                 f"{evaluator.metric_name} {ev.metric:.4f}, error {ev.rel_error:.4f} "
                 f"-> {'accepted' if ok else 'undone'}"
             )
@@ -409,7 +432,9 @@ def _plan(
     return removal_for(hi) or removal
 
 
-def _prune(current, graph, removal, stats, config, shapes, calib):
+def _prune(current, graph, removal, stats, config, shapes, calib, cache=None):
+    """The candidate of one stage-1 try, and ``(refit seconds, consumers refitted)``;
+    ``calib`` is what the refit reads (``_refit_batches``), ``cache`` its ``TargetCache``."""
     if config.mean_compensation:
         from idap_onnx.passes.compensate import prune_with_compensation
 
@@ -417,11 +442,14 @@ def _prune(current, graph, removal, stats, config, shapes, calib):
         candidate = prune_with_compensation(current, removal, means, input_shapes=shapes)
     else:
         candidate = prune_channels(current, removal, graph=graph)
-    if config.refit:
-        from idap_onnx.calib.refit import refit
+    if not config.refit:
+        return candidate, (0.0, 0)
+    from idap_onnx.calib.refit import refit
 
-        candidate = refit(current, candidate, calib, seed=config.seed)
-    return candidate
+    t0, details = time.perf_counter(), []
+    candidate = refit(current, candidate, calib, seed=config.seed, removal=removal,
+                      device=config.device, details=details, cache=cache)
+    return candidate, (time.perf_counter() - t0, sum(d.applied for d in details))
 
 
 def _stage2(current, cost, calib, evaluator, config, shapes, budget, targets, result, say):

@@ -26,6 +26,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         f"({100 * f['macs'] / max(o['macs'], 1):.1f} % kept)",
         f"- {report['metric']}: {o['metric']:.4f} -> {f['metric']:.4f} "
         f"(drop {f['drop']:.4f}, relative output error {f['error']:.4f})",
+        _recovery_line(report),
         "",
         "## Settings",
         "",
@@ -77,6 +78,22 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     for kind, name in plots.items():
         lines += ["", f"![{kind}]({name})"]
     return "\n".join(lines) + "\n"
+
+
+def _recovery_line(report: dict) -> str:
+    """How each removal was recovered, and what the least-squares refit cost in time."""
+    settings, steps = report["settings"], report["steps"]
+    parts = ["mean compensation"] if settings.get("mean_compensation") else []
+    if settings.get("refit"):
+        seconds = sum(s.get("refit_seconds", 0.0) for s in steps)
+        layers = sum(s.get("refitted", 0) for s in steps)
+        tries = sum(1 for s in steps if s["stage"] == 1)
+        share = 100 * seconds / max(report["seconds"], 1e-9)
+        parts.append(
+            f"least-squares refit ({layers} consumer refits over {tries} stage-1 tries, "
+            f"{seconds:.1f} s: {share:.0f} % of the run; `--no-refit` turns it off)"
+        )
+    return f"- recovery without training: {' + '.join(parts) or 'none'}"
 
 
 def slower_hint(lat: dict | None, round_to: int) -> str | None:

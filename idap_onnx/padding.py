@@ -106,3 +106,25 @@ def _differs(model: onnx.ModelProto, padded, cut, tol: float) -> str | None:
                 if not diff <= tol:
                     return f"the outputs change when the padding is cut ({diff:.1e} relative)"
     return None
+
+
+def shape_groups(samples: Sequence[Sample], names: Sequence[str]) -> list[np.ndarray]:
+    """Indices of ``samples`` grouped by their input shapes (first-seen order; within a group,
+    data order). Samples of different shapes (text of different lengths) are never stacked
+    into one batch."""
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(tuple(np.shape(s[n]) for n in names), []).append(i)
+    return [np.asarray(g, dtype=np.int64) for g in groups.values()]
+
+
+def stacked(samples: Sequence[Sample], size: int) -> list[dict[str, np.ndarray]]:
+    """``samples`` as batches of at most ``size``, each of one input shape (``shape_groups``)."""
+    if not samples:
+        return []
+    names = list(samples[0])
+    return [
+        {n: np.stack([samples[i][n] for i in g[k : k + size]]) for n in names}
+        for g in shape_groups(samples, names)
+        for k in range(0, len(g), size)
+    ]

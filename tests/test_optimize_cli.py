@@ -94,6 +94,23 @@ def test_optimize_writes_model_and_reports(digits_dir, tmp_path, capsys):
     assert latency["speedup"]["original"] == 1.0
     assert "latency (onnxruntime" in out_text
     assert "## Latency (measured side by side)" in (tmp_path / "d.report.md").read_text()
+    # the least-squares refit ran by default, and the report says what it cost
+    assert report["settings"]["refit"] is True
+    stage1 = [s for s in report["steps"] if s["stage"] == 1]
+    assert sum(s["refitted"] for s in stage1) > 0
+    assert all(0 < s["refit_seconds"] <= s["seconds"] for s in stage1)
+    assert "least-squares refit (" in (tmp_path / "d.report.md").read_text()
+
+
+def test_no_refit_turns_the_refit_off(digits_dir, tmp_path):
+    out = tmp_path / "d.onnx"
+    argv = [*_base(digits_dir), "--stages", "1", "--steps", "2", "--max-drop", "50",
+            "--latency", "off", "--no-refit", "-o", str(out), "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["settings"]["refit"] is False
+    assert all(s["refitted"] == 0 and s["refit_seconds"] == 0 for s in report["steps"])
+    assert "least-squares refit" not in (tmp_path / "d.report.md").read_text()
 
 
 def test_optimize_fine_tunes_each_step_with_finetune(digits_dir, tmp_path, capsys):

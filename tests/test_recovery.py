@@ -494,7 +494,8 @@ def test_refit_in_sequence_sees_the_refits_before_it(cnn):
     in_sequence = refit(cnn, plain, calib, removal=removal, details=seq)
     at_once = refit(cnn, plain, calib, removal=removal, details=once, sequential=False)
     assert [d.node for d in seq] == [d.node for d in once] == [MIX, HEAD]
-    assert seq[0].err_after == once[0].err_after  # MIX sees the same inputs either way
+    # MIX sees the same inputs either way (run in torch in sequence, in ONNX Runtime at once)
+    assert seq[0].err_after == pytest.approx(once[0].err_after, rel=1e-6)
     assert seq[1].err_before < once[1].err_before
     e_seq, e_once = _err(in_sequence, cnn, held), _err(at_once, cnn, held)
     print(f"held-out: in sequence {e_seq:.4f}, at once {e_once:.4f}")
@@ -505,9 +506,72 @@ def test_refit_draws_the_same_targets_whether_or_not_it_keeps_them(cnn):
     """In sequence the original's sampled targets are drawn in one pass and kept (when they
     fit in ``cache_bytes``); drawn again per layer instead, the model is byte-identical."""
     calib, _, removal, plain = _stem_and_mix_pruned(cnn)
-    kept = refit(cnn, plain, calib, removal=removal, max_rows=3000)
+    kept = refit(cnn, plain, calib, removal=removal, max_rows=3000, frontier_bytes=0)
     redrawn = refit(cnn, plain, calib, removal=removal, max_rows=3000, cache_bytes=0)
     assert kept.SerializeToString() == redrawn.SerializeToString()
+
+
+def test_refit_in_one_torch_pass_matches_one_onnx_runtime_pass_per_layer(cnn):
+    """The pruned graph run once node by node in torch, the batches held between layers
+    (``refit_stream``), gives the refit of one ONNX Runtime pass per layer: the same layers,
+    rows and errors, and weights equal to float32 rounding."""
+    calib, held, removal, plain = _stem_and_mix_pruned(cnn)
+    streamed, passes = [], []
+    one = refit(cnn, plain, calib, removal=removal, details=streamed)
+    many = refit(cnn, plain, calib, removal=removal, details=passes, frontier_bytes=0)
+    assert [(d.node, d.rows, d.applied) for d in streamed] == [
+        (d.node, d.rows, d.applied) for d in passes]
+    for a, b in zip(streamed, passes, strict=True):
+        assert a.err_after == pytest.approx(b.err_after, rel=1e-4)
+    weights = {t.name for t in many.graph.initializer}
+    for t in one.graph.initializer:
+        assert t.name in weights
+        np.testing.assert_allclose(_init(one, t.name), _init(many, t.name), rtol=1e-4, atol=1e-5)
+    assert _err(one, cnn, held) == pytest.approx(_err(many, cnn, held), rel=1e-4)
+
+
+def test_refit_takes_the_next_targets_from_the_cache_its_last_result_filled(cnn, monkeypatch):
+    """Two steps as ``optimize`` runs them: the first refit's result is the second's
+    original, and the second reads its targets from what the first drew on the way (no pass
+    over the first result), with the same outcome as drawing them from that model anew."""
+    from idap_onnx.calib.refit import TargetCache
+
+    calib, held, removal, plain = _stem_and_mix_pruned(cnn)
+    cache = TargetCache()
+    first = refit(cnn, plain, calib, removal=removal, cache=cache)
+    assert cache.get(first) is not None and cache.get(cnn) is None
+    graph = analyze_model(first)
+    again = {_group_of(graph, MIX): [0, 1]}
+    second = prune_channels(first, again, graph=graph)
+    cached, fresh = [], []
+    anew = refit(first, second, calib, removal=again, details=fresh)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the targets were drawn by a pass, not read from the cache")
+
+    monkeypatch.setattr("idap_onnx.calib.refit._targets", no_pass)
+    from_cache = refit(first, second, calib, removal=again, cache=cache, details=cached)
+    assert [(d.node, d.rows, d.applied) for d in cached] == [
+        (d.node, d.rows, d.applied) for d in fresh] and cached
+    for t in anew.graph.initializer:
+        np.testing.assert_allclose(_init(from_cache, t.name), _init(anew, t.name), rtol=1e-4,
+                                   atol=1e-5)
+    assert cache.get(from_cache) is not None and cache.get(first) is not None
+
+
+def test_refit_falls_back_to_passes_when_the_batches_do_not_fit(cnn):
+    """``frontier_bytes`` below one batch's live tensors: the per-layer passes, the same result
+    to float32 rounding."""
+    from idap_onnx.calib.refit_stream import Stream
+
+    calib, _, removal, plain = _stem_and_mix_pruned(cnn)
+    assert Stream.open(plain, calib, "cpu", max_bytes=1024) is None
+    assert Stream.open(plain, calib, "cpu", max_bytes=2**30) is not None
+    small = refit(cnn, plain, calib, removal=removal, frontier_bytes=1024)
+    passes = refit(cnn, plain, calib, removal=removal, frontier_bytes=0)
+    for t in passes.graph.initializer:  # the targets came from torch, not ONNX Runtime
+        np.testing.assert_allclose(_init(small, t.name), _init(passes, t.name), rtol=1e-4,
+                                   atol=1e-5)
 
 
 def test_refit_session_runs_only_what_the_pulled_tensors_need(cnn, tmp_path):

@@ -113,11 +113,24 @@ def short_name(name: str) -> str:
 
 def digits_task(batch: int, seed: int = 0) -> Task:
     """The digits CNN trained with ``seed`` (split and training; 0 is the cached default)."""
-    import onnx
-
     from tools.digits import INPUT_NAME, build
 
-    asset = build(seed=seed)
+    name = "digits" if seed == 0 else f"digits (model seed {seed})"
+    return _image_task(name, build(seed=seed), INPUT_NAME, batch)
+
+
+def mnist_se_task(batch: int) -> Task:
+    """The depthwise / squeeze-excitation residual CNN trained on MNIST (``tools/mnist_se.py``)."""
+    from tools.mnist_se import INPUT_NAME, build
+
+    return _image_task("mnist_se", build(), INPUT_NAME, batch)
+
+
+def _image_task(name: str, asset, input_name: str, batch: int) -> Task:
+    """An image classifier asset (``tools/digits.py`` and alike): calibration = train images,
+    validation and test with their labels, metric top-1."""
+    import onnx
+
     (x_tr, _), (x_va, y_va), (x_te, y_te) = asset.train, asset.val, asset.test
 
     def kept(widths: dict) -> str:
@@ -128,15 +141,15 @@ def digits_task(batch: int, seed: int = 0) -> Task:
         )
 
     return Task(
-        name="digits" if seed == 0 else f"digits (model seed {seed})",
+        name=name,
         model=onnx.load(asset.model_path),
-        calib=_batches({INPUT_NAME: x_tr}, batch),
-        val=_batches({INPUT_NAME: x_va}, batch),
-        test=_batches({INPUT_NAME: x_te}, batch),
+        calib=_batches({input_name: x_tr}, batch),
+        val=_batches({input_name: x_va}, batch),
+        test=_batches({input_name: x_te}, batch),
         metric="top1",
         val_labels=y_va,
         test_labels=y_te,
-        shapes={INPUT_NAME: [1, *x_tr.shape[1:]]},
+        shapes={input_name: [1, *x_tr.shape[1:]]},
         data=(
             f"calibration: the {len(x_tr)} train images; validation (per step): the {len(x_va)} "
             f"val images; test: the {len(x_te)} test images; batches of {batch}"

@@ -106,9 +106,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     plan.add_argument(
         "--refit",
-        action="store_true",
-        help="least-squares refit of the pruned consumers (Gemm, MatMul, 1x1 and k x k convs) "
-        "on the calibration part, layer after layer (one pass over it per refitted layer)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after every removal, re-solve the remaining input weights and bias of each "
+        "pruned consumer (Gemm, MatMul, 1x1 and k x k convs) by least squares on the "
+        "calibration part, so it reproduces its output in the model before the step; layer "
+        "after layer, the graph run once per step in torch (one ONNX Runtime pass per layer "
+        "without torch). Recovers most of a step's damage without training; its time is in "
+        "the report. --no-refit: mean compensation only (default: --refit)",
     )
     plan.add_argument("--p0", type=float, default=0.05, help="first step fraction (0.05)")
     plan.add_argument("--alpha", type=float, default=1.5, help="schedule exponent (1.5)")

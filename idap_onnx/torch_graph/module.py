@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -305,18 +306,55 @@ class OnnxModule(torch.nn.Module):
         self._tap = frozenset(names)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        feeds = self._feeds(args, kwargs)
         self.taps = {}
-        env: dict[str, torch.Tensor] = {}
-        bn: dict[str, torch.Tensor] = {}
-        for onnx_name, attr in self._tensor_attr.items():
-            env[onnx_name] = getattr(self, attr)
-        for onnx_name in self.bn_stat_names.values():
-            bn[onnx_name] = env[onnx_name]
-        env.update(feeds)
+        env = self.start(self._feeds(args, kwargs))
+        self.run_nodes(env, 0, len(self._nodes))
+        outs = tuple(env[name] for name in self.output_names)
+        return outs[0] if len(outs) == 1 else outs
+
+    # ------------------------------------------------------------------- node by node
+
+    @property
+    def node_names(self) -> list[str]:
+        """The ONNX node names in execution (graph) order: ``run_nodes`` counts in these."""
+        return [node.name for node in self._nodes]
+
+    def start(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The environment before the first node: every initializer and the graph inputs
+        ``feeds`` (by name; numpy arrays are converted and moved to the module's device)."""
+        env: dict[str, torch.Tensor] = {
+            onnx_name: getattr(self, attr) for onnx_name, attr in self._tensor_attr.items()
+        }
+        env.update(self._feeds((feeds,), {}))
+        return env
+
+    def run_nodes(
+        self,
+        env: dict[str, torch.Tensor],
+        start: int,
+        stop: int,
+        overrides: Mapping[tuple[int, int], torch.Tensor] | None = None,
+        added: Mapping[int, torch.Tensor] | None = None,
+    ) -> None:
+        """Execute nodes ``start:stop`` on ``env`` in place (``start`` returns one), freeing
+        every intermediate tensor after its last reader, so ``env`` holds the live set.
+
+        ``overrides`` maps (node index, input index) to the value that input reads instead of
+        its tensor, and ``added`` node index to a value added to its first output (a refit's
+        new weights and inserted bias, without editing the module or the graph).
+        """
+        bn = {name: env[name] for name in self.bn_stat_names.values()}
         rt = Runtime(training=self.training, device=self._device(), bn_buffers=bn)
-        for node, free in zip(self._nodes, self._free_after, strict=True):
+        for k in range(start, stop):
+            node, free = self._nodes[k], self._free_after[k]
             x = [env[name] if name else None for name in node.inputs]
+            if overrides:
+                changed = {i: v for (n, i), v in overrides.items() if n == k}
+                if changed:
+                    x += [None] * (max(changed) + 1 - len(x))  # an input the node lacked
+                    x = [changed.get(i, t) for i, t in enumerate(x)]
+                    node = replace(node, const={
+                        i: c for i, c in node.const.items() if i not in changed})
             try:
                 result = node.fn(node, rt, x)
             except Exception as exc:
@@ -332,12 +370,12 @@ class OnnxModule(torch.nn.Module):
                 for name, value in zip(node.outputs, result, strict=False):
                     if name:
                         env[name] = value
+            if added and k in added:
+                env[node.outputs[0]] = env[node.outputs[0]] + added[k]
             if self._tap:
                 self.taps.update((n, env[n]) for n in node.outputs if n in self._tap)
             for name in free:
                 env.pop(name, None)
-        outs = tuple(env[name] for name in self.output_names)
-        return outs[0] if len(outs) == 1 else outs
 
     def extra_repr(self) -> str:
         return (
