@@ -239,17 +239,31 @@ def refit(
     if sequential and 4 * max_rows * sum(lay.width for lay in layers) <= cache_bytes:
         targets = _cached_targets(layers, cache.get(original)) if cache is not None else None
         if targets is None:
-            targets = _targets(original, layers, feeds, max_rows, seed, device,
-                               torch_ok=frontier_bytes > 0)
+            try:
+                targets = _targets(original, layers, feeds, max_rows, seed, device,
+                                   torch_ok=frontier_bytes > 0)
+            except RuntimeError:  # a node torch could not run after all: ONNX Runtime's
+                targets = _targets(original, layers, feeds, max_rows, seed, device, False)
     capture = None if cache is None else _Capture(pruned, len(feeds), max_rows, seed,
                                                   cache.max_bytes, max_width)
-    if (targets is not None and frontier_bytes > 0
-            and _streamed(pruned, params, layers, feeds, targets, ridge, device, details,
-                          frontier_bytes, capture)):
-        done = _finished(out, pruned)
-        if capture is not None and capture.rows is not None:
-            cache.put(done, capture.rows, keep=original)
-        return done
+    if targets is not None and frontier_bytes > 0:
+        found: list[LayerRefit] = []
+        try:
+            streamed = _streamed(pruned, params, layers, feeds, targets, ridge, device, found,
+                                 frontier_bytes, capture)
+        except RuntimeError:  # as above: start again with the per-layer passes
+            streamed = False
+            out.CopyFrom(pruned)
+            params = Params(out)
+            layers = _plan(original, out, removal, max_width)[0]
+            waves = [[lay] for lay in layers]
+        if streamed:
+            if details is not None:
+                details.extend(found)
+            done = _finished(out, pruned)
+            if capture is not None and capture.rows is not None:
+                cache.put(done, capture.rows, keep=original)
+            return done
     for wave in waves:  # graph order: _plan walks the (topologically sorted) nodes
         _accumulate(original, out, wave, feeds, max_rows, seed, device, targets)
         for lay in wave:

@@ -142,7 +142,7 @@ def _module(model: onnx.ModelProto, device: str):
 
     try:
         with single_thread():
-            module = OnnxModule(model)
+            module = OnnxModule(model, trainable=False)
     except UnsupportedModelError:
         return None
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):

@@ -559,6 +559,30 @@ def test_refit_takes_the_next_targets_from_the_cache_its_last_result_filled(cnn,
     assert cache.get(from_cache) is not None and cache.get(first) is not None
 
 
+def test_a_node_torch_fails_on_sends_the_refit_back_to_onnx_runtime(cnn, monkeypatch):
+    """A torch kernel that fails at run time (past the executor's own checks), halfway through
+    the one-pass refit: nothing it wrote is kept, and the result is the per-layer passes'."""
+    from idap_onnx.torch_graph import OnnxModule
+
+    calib, _, removal, plain = _stem_and_mix_pruned(cnn)
+    # torch's targets, then the per-layer passes (the stream declined: too little memory)
+    passes = refit(cnn, plain, calib, removal=removal, frontier_bytes=1024)
+    real, failed = OnnxModule.run_nodes, []
+
+    def fails_after_the_first_layer(self, env, start, stop, *args, **kwargs):
+        if start > 0 and stop - start > 1:  # the stream's second advance: MIX already written
+            failed.append(start)
+            raise RuntimeError("Conv node 'x' failed on inputs [...]: no kernel")
+        return real(self, env, start, stop, *args, **kwargs)
+
+    monkeypatch.setattr(OnnxModule, "run_nodes", fails_after_the_first_layer)
+    details: list[LayerRefit] = []
+    fallen = refit(cnn, plain, calib, removal=removal, details=details)
+    assert failed
+    assert fallen.SerializeToString() == passes.SerializeToString()
+    assert [d.node for d in details] == [MIX, HEAD]
+
+
 def test_refit_falls_back_to_passes_when_the_batches_do_not_fit(cnn):
     """``frontier_bytes`` below one batch's live tensors: the per-layer passes, the same result
     to float32 rounding."""

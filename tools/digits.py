@@ -217,11 +217,12 @@ def train(
     return net
 
 
-def export(net, path: Path) -> None:
-    """Legacy TorchScript export at opset 17: ``x [N,1,8,8] -> logits [N,10]``, dynamic batch."""
+def export(net, path: Path, sample_shape: tuple[int, ...] = (1, 8, 8)) -> None:
+    """Legacy TorchScript export at opset 17: ``x [N,1,8,8] -> logits [N,10]``, dynamic batch
+    (``sample_shape``: another image size, for ``mnist_se.py``)."""
     import torch
 
-    dummy = torch.zeros(2, 1, 8, 8)
+    dummy = torch.zeros(2, *sample_shape)
     buf = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(buf), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -289,32 +290,8 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _complete(folder: Path, seed: int = SEED) -> bool:
-    if not all((folder / f).exists() for f in FILES):
-        return False
-    try:
-        meta = json.loads((folder / "meta.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (meta.get("format_version") == FORMAT_VERSION and meta.get("source") == _source_hash()
-            and meta.get("seed") == seed)
-
-
 def _source_hash() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-
-
-def _load(folder: Path) -> DigitsAsset:
-    with np.load(folder / "digits.npz", allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    return DigitsAsset(
-        model_path=folder / "digits.onnx",
-        train=(arrays["x_train"], arrays["y_train"]),
-        val=(arrays["x_val"], arrays["y_val"]),
-        test=(arrays["x_test"], arrays["y_test"]),
-        cache_dir=folder,
-        meta=json.loads((folder / "meta.json").read_text()),
-    )
 
 
 def build(
@@ -330,17 +307,44 @@ def build(
     Raises:
         RuntimeError: the trained model's test accuracy is below 95 %.
     """
-    folder = resolve_cache_dir(cache_dir)
+    return cached_asset(resolve_cache_dir(cache_dir), seed, "digits", FILES, _source_hash(),
+                        lambda folder: _build_into(folder, log, seed))
+
+
+def cached_asset(folder: Path, seed: int, stem: str, files, source: str, build_into,
+                 kind: type | None = None, version: int = FORMAT_VERSION):
+    """The asset in ``folder`` (``folder/seed<N>`` for a seed other than the default), built
+    by ``build_into(folder)`` under a file lock unless every one of ``files`` is there and
+    ``meta.json`` names this format ``version``, ``source`` hash and seed; read as ``kind`` (default
+    ``DigitsAsset``) from ``<stem>.npz`` and ``<stem>.onnx``. Shared with ``mnist_se.py``."""
     if seed != SEED:
         folder = folder / f"seed{seed}"
-    if _complete(folder, seed):
-        return _load(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with _lock(folder / ".lock"):
-        if _complete(folder, seed):
-            return _load(folder)
-        _build_into(folder, log, seed)
-    return _load(folder)
+
+    def complete() -> bool:
+        if not all((folder / f).exists() for f in files):
+            return False
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return (meta.get("format_version") == version and meta.get("source") == source
+                and meta.get("seed") == seed)
+
+    if not complete():
+        folder.mkdir(parents=True, exist_ok=True)
+        with _lock(folder / ".lock"):
+            if not complete():
+                build_into(folder)
+    with np.load(folder / f"{stem}.npz", allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return (kind or DigitsAsset)(
+        model_path=folder / f"{stem}.onnx",
+        train=(arrays["x_train"], arrays["y_train"]),
+        val=(arrays["x_val"], arrays["y_val"]),
+        test=(arrays["x_test"], arrays["y_test"]),
+        cache_dir=folder,
+        meta=json.loads((folder / "meta.json").read_text()),
+    )
 
 
 def _build_into(folder: Path, log: Callable[[str], None] | None, seed: int = SEED) -> None:
@@ -348,42 +352,48 @@ def _build_into(folder: Path, log: Callable[[str], None] | None, seed: int = SEE
     splits = load_splits(seed)
     net = train(splits, log, seed)
     train_s = time.perf_counter() - t0
+    meta = {"format_version": FORMAT_VERSION, "source": _source_hash(), "epochs": EPOCHS,
+            "batch": BATCH, "lr": LR, "seed": seed, "opset": OPSET,
+            "train_seconds": round(train_s, 2)}
+    store_asset(folder, "digits", splits, lambda path: export(net, path), meta, MIN_TEST_ACC)
 
-    # Export to a temp file first and measure accuracies on the exported model.
-    model_path = folder / "digits.onnx"
-    fd, tmp_name = tempfile.mkstemp(prefix=".digits.", suffix=".onnx", dir=folder)
+
+def store_asset(folder: Path, stem: str, splits, export_to, meta: dict, min_test: float,
+                check: Callable[[dict], dict] | None = None) -> None:
+    """Write a trained image asset into ``folder``: the model exported by ``export_to(path)``
+    to a temp file, each split's accuracy measured on it in ONNX Runtime (``check(logits per
+    split)`` may add fields to ``meta`` or raise), then the data files, the model and
+    ``meta.json`` (``meta`` plus ``accuracy`` and ``samples``), each written atomically.
+    Shared with ``mnist_se.py``.
+
+    Raises:
+        RuntimeError: the exported model's test accuracy is below ``min_test``.
+    """
+    model_path = folder / f"{stem}.onnx"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".onnx", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        export(net, tmp)
-        acc = {s: accuracy(onnx_logits(tmp, splits[s][0]), splits[s][1]) for s in SPLITS}
-        if acc["test"] < MIN_TEST_ACC:
+        export_to(tmp)
+        logits = {s: onnx_logits(tmp, splits[s][0]) for s in SPLITS}
+        acc = {s: accuracy(logits[s], splits[s][1]) for s in SPLITS}
+        extra = check(logits) if check is not None else {}
+        if acc["test"] < min_test:
             raise RuntimeError(
-                f"digits CNN reached only {acc['test']:.4f} test accuracy (< {MIN_TEST_ACC})"
+                f"{stem} reached only {acc['test']:.4f} test accuracy (< {min_test})"
             )
-        _write_data(folder, splits)
+        _write_data(folder, splits, stem)
         os.chmod(tmp, 0o644)
         os.replace(tmp, model_path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "source": _source_hash(),
-        "accuracy": acc,
-        "samples": {s: len(splits[s][1]) for s in SPLITS},
-        "epochs": EPOCHS,
-        "batch": BATCH,
-        "lr": LR,
-        "seed": seed,
-        "opset": OPSET,
-        "train_seconds": round(train_s, 2),
-    }
+    meta = {**meta, "accuracy": acc, "samples": {s: len(splits[s][1]) for s in SPLITS}, **extra}
     _atomic(folder / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
 
 
-def _write_data(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+def _write_data(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
+                stem: str = "digits") -> None:
     def savez(path: Path, **arrays: np.ndarray) -> None:
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
@@ -405,16 +415,23 @@ def _write_data(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) 
         savez(folder / f"x_{s}.npz", **{INPUT_NAME: x})
         save(folder / f"labels_{s}.npy", y)
     savez(folder / "calib.npz", **{INPUT_NAME: splits["train"][0]})
-    savez(folder / "digits.npz", **everything)
+    savez(folder / f"{stem}.npz", **everything)
 
 
 # ----------------------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    return asset_main(argv, __doc__.split("\n\n")[0], build, [1, 1, 8, 8])
+
+
+def asset_main(argv, description: str, build_asset, input_shape: list[int],
+               cache_env: str = CACHE_ENV) -> int:
+    """The command line of a cached image asset (this module's, ``tools/mnist_se.py``'s):
+    ``--out DIR``, ``--print-dir``; builds it and prints each split's accuracy and its cost."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
-        "--out", type=Path, default=None, help=f"cache folder (default ${CACHE_ENV} or .cache)"
+        "--out", type=Path, default=None, help=f"cache folder (default ${cache_env} or .cache)"
     )
     parser.add_argument(
         "--print-dir", action="store_true",
@@ -423,9 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     if args.print_dir:
-        print(build(args.out).model_path.parent)
+        print(build_asset(args.out).model_path.parent)
         return 0
-    asset = build(args.out, log=lambda m: print(m, flush=True))
+    asset = build_asset(args.out, log=lambda m: print(m, flush=True))
     elapsed = time.perf_counter() - t0
     print(f"model: {asset.model_path}")
     for s in SPLITS:
@@ -437,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from idap_onnx.accounting import model_cost
 
-        cost = model_cost(onnx.load(str(asset.model_path)), {INPUT_NAME: [1, 1, 8, 8]})
+        cost = model_cost(onnx.load(str(asset.model_path)), {INPUT_NAME: input_shape})
         print(f"params: {cost.params:,}  MACs per sample: {cost.macs:,}")
     print(f"done in {elapsed:.1f} s")
     return 0

@@ -59,16 +59,10 @@ or as a script: ``python tools/mnist_se.py [--out DIR] [--print-dir]`` (prints t
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
-import io
-import json
 import os
 import sys
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,23 +232,8 @@ def train(
 
 def export(net, path: Path) -> None:
     """Legacy TorchScript export at opset 17: ``x [N,1,28,28] -> logits [N,10]``, dynamic
-    batch."""
-    import torch
-
-    dummy = torch.zeros(2, 1, 28, 28)
-    buf = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(buf), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            net,
-            (dummy,),
-            str(path),
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
+    batch (``digits.export``)."""
+    _digits.export(net, path, (1, 28, 28))
 
 
 # --------------------------------------------------------------------------------------- cache
@@ -274,30 +253,6 @@ def _source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def _complete(folder: Path, seed: int = SEED) -> bool:
-    if not all((folder / f).exists() for f in FILES):
-        return False
-    try:
-        meta = json.loads((folder / "meta.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (meta.get("format_version") == FORMAT_VERSION and meta.get("source") == _source_hash()
-            and meta.get("seed") == seed)
-
-
-def _load(folder: Path) -> MnistSEAsset:
-    with np.load(folder / "mnist_se.npz", allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    return MnistSEAsset(
-        model_path=folder / "mnist_se.onnx",
-        train=(arrays["x_train"], arrays["y_train"]),
-        val=(arrays["x_val"], arrays["y_val"]),
-        test=(arrays["x_test"], arrays["y_test"]),
-        cache_dir=folder,
-        meta=json.loads((folder / "meta.json").read_text()),
-    )
-
-
 def build(
     cache_dir: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
@@ -311,17 +266,9 @@ def build(
     Raises:
         RuntimeError: the trained model's test accuracy is below 97 %.
     """
-    folder = resolve_cache_dir(cache_dir)
-    if seed != SEED:
-        folder = folder / f"seed{seed}"
-    if _complete(folder, seed):
-        return _load(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with _digits._lock(folder / ".lock"):
-        if _complete(folder, seed):
-            return _load(folder)
-        _build_into(folder, log, seed)
-    return _load(folder)
+    return _digits.cached_asset(resolve_cache_dir(cache_dir), seed, "mnist_se", FILES,
+                                _source_hash(), lambda folder: _build_into(folder, log, seed),
+                                kind=MnistSEAsset, version=FORMAT_VERSION)
 
 
 def _build_into(folder: Path, log: Callable[[str], None] | None, seed: int = SEED) -> None:
@@ -329,46 +276,18 @@ def _build_into(folder: Path, log: Callable[[str], None] | None, seed: int = SEE
     splits = load_splits(seed)
     net = train(splits, log, seed)
     train_s = time.perf_counter() - t0
+    meta = {"format_version": FORMAT_VERSION, "source": _source_hash(), "epochs": EPOCHS,
+            "batch": BATCH, "lr": LR, "shift": SHIFT, "label_smoothing": LABEL_SMOOTHING,
+            "seed": seed, "opset": OPSET, "train_seconds": round(train_s, 2)}
 
-    # Export to a temp file first and measure accuracies on the exported model.
-    model_path = folder / "mnist_se.onnx"
-    fd, tmp_name = tempfile.mkstemp(prefix=".mnist_se.", suffix=".onnx", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        export(net, tmp)
-        logits = {s: onnx_logits(tmp, splits[s][0]) for s in SPLITS}
-        acc = {s: accuracy(logits[s], splits[s][1]) for s in SPLITS}
+    def same_as_torch(logits: dict) -> dict:
         diff = _max_abs_diff_vs_torch(net, splits["test"][0], logits["test"])
         if diff > MAX_EXPORT_DIFF:
             raise RuntimeError(f"ONNX Runtime logits differ from torch's by {diff:.2e}")
-        if acc["test"] < MIN_TEST_ACC:
-            raise RuntimeError(
-                f"MNIST SE CNN reached only {acc['test']:.4f} test accuracy (< {MIN_TEST_ACC})"
-            )
-        _write_data(folder, splits)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, model_path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        return {"onnx_vs_torch_max_abs_diff": diff}
 
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "source": _source_hash(),
-        "accuracy": acc,
-        "samples": {s: len(splits[s][1]) for s in SPLITS},
-        "epochs": EPOCHS,
-        "batch": BATCH,
-        "lr": LR,
-        "shift": SHIFT,
-        "label_smoothing": LABEL_SMOOTHING,
-        "seed": seed,
-        "opset": OPSET,
-        "train_seconds": round(train_s, 2),
-        "onnx_vs_torch_max_abs_diff": diff,
-    }
-    _digits._atomic(folder / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    _digits.store_asset(folder, "mnist_se", splits, lambda path: export(net, path), meta,
+                        MIN_TEST_ACC, check=same_as_torch)
 
 
 def _max_abs_diff_vs_torch(net, x: np.ndarray, onnx_out: np.ndarray) -> float:
@@ -380,57 +299,11 @@ def _max_abs_diff_vs_torch(net, x: np.ndarray, onnx_out: np.ndarray) -> float:
     return float(np.max(np.abs(want.numpy() - onnx_out)))
 
 
-def _write_data(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    def write_with(save: Callable, *args, **kwargs) -> Callable[[Path], None]:
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:
-                save(fh, *args, **kwargs)
-
-        return write
-
-    everything = {}
-    for s in SPLITS:
-        x, y = splits[s]
-        everything[f"x_{s}"], everything[f"y_{s}"] = x, y
-        _digits._atomic(folder / f"x_{s}.npz", write_with(np.savez, **{INPUT_NAME: x}))
-        _digits._atomic(folder / f"labels_{s}.npy", write_with(np.save, y))
-    _digits._atomic(folder / "calib.npz", write_with(np.savez, **{INPUT_NAME: splits["train"][0]}))
-    _digits._atomic(folder / "mnist_se.npz", write_with(np.savez, **everything))
-
-
 # ----------------------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--out", type=Path, default=None, help=f"cache folder (default ${CACHE_ENV} or .cache)"
-    )
-    parser.add_argument(
-        "--print-dir", action="store_true",
-        help="build quietly (if needed) and print only the folder holding the files",
-    )
-    args = parser.parse_args(argv)
-    t0 = time.perf_counter()
-    if args.print_dir:
-        print(build(args.out).model_path.parent)
-        return 0
-    asset = build(args.out, log=lambda m: print(m, flush=True))
-    elapsed = time.perf_counter() - t0
-    print(f"model: {asset.model_path}")
-    for s in SPLITS:
-        x, y = getattr(asset, s)
-        acc = accuracy(onnx_logits(asset.model_path, x), y)
-        print(f"{s:5s} accuracy: {acc:.4f} ({len(y)} samples)")
-    with contextlib.suppress(Exception):  # the accounting module is optional here
-        import onnx
-
-        from idap_onnx.accounting import model_cost
-
-        cost = model_cost(onnx.load(str(asset.model_path)), {INPUT_NAME: [1, 1, 28, 28]})
-        print(f"params: {cost.params:,}  MACs per sample: {cost.macs:,}")
-    print(f"done in {elapsed:.1f} s")
-    return 0
+    return _digits.asset_main(argv, __doc__.split("\n\n")[0], build, [1, 1, 28, 28], CACHE_ENV)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,8 @@ class OnnxModule(torch.nn.Module):
     Args:
         model: A self-contained model (use :func:`idap_onnx.model_io.load_model` for files: it
             folds ``Constant`` nodes into initializers, so that their values are trainable).
+        trainable: False for inference only: every initializer becomes a buffer (no
+            ``nn.Parameter`` and no scan of the weights for non-finite values).
 
     Raises:
         UnsupportedModelError: A node uses an operator (or attribute combination) this
@@ -153,7 +155,7 @@ class OnnxModule(torch.nn.Module):
     drops with its ratio (its ``training_mode`` input is ignored: the module's mode decides).
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, trainable: bool = True) -> None:
         super().__init__()
         model = _inlined(model)
         bad = _unsupported(model)
@@ -208,7 +210,8 @@ class OnnxModule(torch.nn.Module):
             taken.add(attr)
             self._tensor_attr[onnx_name] = attr
             if (
-                onnx_name in as_param
+                trainable
+                and onnx_name in as_param
                 and onnx_name not in bn_stats
                 and bool(torch.isfinite(arr).all())
             ):
