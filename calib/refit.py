@@ -350,21 +350,14 @@ class _Capture:
         self.producers: dict[str, int] = {}
         self.ops: dict[str, str] = {}
         for node in pruned.graph.node:
-            if node.op_type not in REFIT_OPS or len(node.input) < 2:
+            w = _weight(index, node)
+            if w is None or _unsupported(node.op_type, node, index, w, max_width):
                 continue
-            w = index.constant(node.input[1])
-            if (index.initializer_name(node.input[1]) is None or w is None or w.ndim < 2
-                    or _unsupported(node.op_type, node, index, w, max_width)):
-                continue
-            target, writer = node.output[0], node.name
-            if node.op_type == "MatMul":
-                found = bias_add(pruned, index, node)
-                if found is not None:
-                    target, writer = found[0].output[0], found[0].name
+            target, writer = _target(pruned, index, node)
             self.producers[target] = position[writer]
             self.ops[target] = node.op_type
-        self.quota = max(1, math.ceil(max_rows / batches))
-        self.max_rows, self.seed, self.max_bytes = max_rows, seed, max_bytes
+        self.batches, self.max_rows, self.seed = batches, max_rows, seed
+        self.max_bytes = max_bytes
         self.rows: dict[str, list[_Sample | None]] | None = {}
         self.bytes = 0
 
@@ -373,12 +366,9 @@ class _Capture:
         if self.rows is None:
             return
         lay = _Layer(name, self.ops[name], "", name, 0, 0, None)
-        rng, drawn, found = np.random.default_rng(self.seed), 0, []
-        for out in outputs:
-            sample = _draw(lay, out, self.quota, self.max_rows, drawn, rng)
-            drawn += 0 if sample is None else len(sample.pick)
-            self.bytes += 0 if sample is None else sample.y.nbytes
-            found.append(sample)
+        draw = _Drawer(lay, self.batches, self.max_rows, self.seed)
+        found = [draw(out) for out in outputs]
+        self.bytes += sum(s.y.nbytes for s in found if s is not None)
         self.rows[name] = found
         if self.bytes > self.max_bytes:  # too many to keep: the next refit makes its pass
             self.rows = None
@@ -492,6 +482,27 @@ def _unsupported(
     return ""
 
 
+def _weight(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
+    """The constant weight (an initializer, at least 2-D) of a ``REFIT_OPS`` node; None for
+    any other node."""
+    if node.op_type not in REFIT_OPS or len(node.input) < 2:
+        return None
+    if index.initializer_name(node.input[1]) is None:
+        return None
+    w = index.constant(node.input[1])
+    return w if w is not None and w.ndim >= 2 else None
+
+
+def _target(model: onnx.ModelProto, index: GraphIndex, node: onnx.NodeProto) -> tuple[str, str]:
+    """(tensor, name of the node writing it) that a refit of ``node`` reconstructs: its
+    output, or for a MatMul the output of the ``Add`` holding its bias."""
+    if node.op_type == "MatMul":
+        found = bias_add(model, index, node)
+        if found is not None:
+            return found[0].output[0], found[0].name
+    return node.output[0], node.name
+
+
 def _plan(
     original: onnx.ModelProto, pruned: onnx.ModelProto, removal, max_width: int = 4096
 ) -> tuple[list[_Layer], list[LayerRefit]]:
@@ -501,17 +512,11 @@ def _plan(
     dead = None
     ograph = None
     for node in pruned.graph.node:
-        if node.op_type not in REFIT_OPS or len(node.input) < 2:
-            continue
         onode = oidx.node_by_name.get(node.name)
         if onode is None or onode.op_type != node.op_type:
             continue
-        if pidx.initializer_name(node.input[1]) is None:
-            continue
-        if oidx.initializer_name(onode.input[1]) is None:
-            continue
-        w, wo = pidx.constant(node.input[1]), oidx.constant(onode.input[1])
-        if w.ndim != wo.ndim or w.ndim < 2:
+        w, wo = _weight(pidx, node), _weight(oidx, onode)
+        if w is None or wo is None or w.ndim != wo.ndim:
             continue
         (k, n), (ko, no) = _widths(node.op_type, node, w), _widths(onode.op_type, onode, wo)
         if k >= ko:
@@ -535,17 +540,12 @@ def _plan(
             if keep is None or len(keep) != no or int(keep.sum()) != n:
                 skipped.append(LayerRefit(node.name, skipped="output channels cannot be mapped"))
                 continue
-        target = onode.output[0]
-        if node.op_type == "MatMul":
-            found = bias_add(original, oidx, onode)
-            if found is not None:
-                target = found[0].output[0]
         layers.append(
             _Layer(
                 node.name,
                 node.op_type,
                 node.input[0],
-                target,
+                _target(original, oidx, onode)[0],
                 k,
                 n,
                 keep,
@@ -618,16 +618,28 @@ def _targets(original, layers, feeds, max_rows: int, seed: int, device: str, tor
     layer draws with its own generator seeded ``seed``, as a wave of that layer alone does in
     ``_accumulate``."""
     ys = list(dict.fromkeys(lay.y for lay in layers))
-    quota = max(1, math.ceil(max_rows / len(feeds)))
-    rngs = {lay.node: np.random.default_rng(seed) for lay in layers}
-    drawn = {lay.node: 0 for lay in layers}
+    draws = {lay.node: _Drawer(lay, len(feeds), max_rows, seed) for lay in layers}
     samples: dict[str, list[_Sample | None]] = {lay.node: [] for lay in layers}
     for got in _pulled(original, feeds, ys, device, torch_ok):
         for lay in layers:
-            sample = _draw(lay, got[lay.y], quota, max_rows, drawn[lay.node], rngs[lay.node])
-            drawn[lay.node] += 0 if sample is None else len(sample.pick)
-            samples[lay.node].append(sample)
+            samples[lay.node].append(draws[lay.node](got[lay.y]))
     return samples
+
+
+class _Drawer:
+    """One layer's draws over the batches in turn: its own generator seeded ``seed``, a quota
+    of ``ceil(max_rows / batches)`` rows a batch, at most ``max_rows`` in all (``_draw``)."""
+
+    def __init__(self, lay: _Layer, batches: int, max_rows: int, seed: int) -> None:
+        self.lay, self.max_rows = lay, max_rows
+        self.quota = max(1, math.ceil(max_rows / batches))
+        self.rng = np.random.default_rng(seed)
+        self.drawn = 0
+
+    def __call__(self, out: np.ndarray) -> _Sample | None:
+        sample = _draw(self.lay, out, self.quota, self.max_rows, self.drawn, self.rng)
+        self.drawn += 0 if sample is None else len(sample.pick)
+        return sample
 
 
 def _pulled(model, feeds, names: list[str], device: str, torch_ok: bool):
@@ -814,9 +826,9 @@ def _write(
         done = [(node.name, 1, (wm.T if int(attr(node, "transB", 0)) else wm).astype(dtype)),
                 (node.name, 2, (b / beta).reshape(shape).astype(dtype if c is None else c.dtype))]
     else:
-        params.set(node, 1, w.astype(dtype))
         found = bias_add(params.model, GraphIndex(params.model), node)
         if found is None:
+            params.set(node, 1, w.astype(dtype))
             insert_bias_add(params, node, b.astype(dtype))
             return [(node.name, 1, w.astype(dtype)), (node.name, -1, b.astype(dtype))]
         add, j = found

@@ -61,7 +61,7 @@ class Stream:
         with torch.inference_mode():
             self.envs = [module.start(feed) for feed in feeds]
         self.pos = 0
-        self.overrides: dict[tuple[int, int], torch.Tensor] = {}
+        self.overrides: dict[int, dict[int, torch.Tensor]] = {}
         self.added: dict[int, torch.Tensor] = {}
 
     @classmethod
@@ -87,12 +87,9 @@ class Stream:
         tensors."""
         with torch.inference_mode(), single_thread():
             for env in self.envs:
-                self._run(env, self.pos, stop)
+                self.module.run_nodes(env, self.pos, stop, self.overrides, self.added)
         self.pos = stop
         return self.envs
-
-    def _run(self, env: dict[str, torch.Tensor], start: int, stop: int) -> None:
-        self.module.run_nodes(env, start, stop, self.overrides, self.added)
 
     def write(self, writes: Sequence[tuple[str, int, np.ndarray]]) -> None:
         """Use refitted values from now on: (node, input index, value); index -1 adds the
@@ -103,7 +100,7 @@ class Stream:
             if i < 0:
                 self.added[self.index[name]] = tensor
             else:
-                self.overrides[(self.index[name], i)] = tensor
+                self.overrides.setdefault(self.index[name], {})[i] = tensor
 
 
 def pulled(

@@ -336,13 +336,13 @@ class OnnxModule(torch.nn.Module):
         env: dict[str, torch.Tensor],
         start: int,
         stop: int,
-        overrides: Mapping[tuple[int, int], torch.Tensor] | None = None,
+        overrides: Mapping[int, Mapping[int, torch.Tensor]] | None = None,
         added: Mapping[int, torch.Tensor] | None = None,
     ) -> None:
         """Execute nodes ``start:stop`` on ``env`` in place (``start`` returns one), freeing
         every intermediate tensor after its last reader, so ``env`` holds the live set.
 
-        ``overrides`` maps (node index, input index) to the value that input reads instead of
+        ``overrides`` maps node index -> input index -> the value that input reads instead of
         its tensor, and ``added`` node index to a value added to its first output (a refit's
         new weights and inserted bias, without editing the module or the graph).
         """
@@ -351,13 +351,12 @@ class OnnxModule(torch.nn.Module):
         for k in range(start, stop):
             node, free = self._nodes[k], self._free_after[k]
             x = [env[name] if name else None for name in node.inputs]
-            if overrides:
-                changed = {i: v for (n, i), v in overrides.items() if n == k}
-                if changed:
-                    x += [None] * (max(changed) + 1 - len(x))  # an input the node lacked
-                    x = [changed.get(i, t) for i, t in enumerate(x)]
-                    node = replace(node, const={
-                        i: c for i, c in node.const.items() if i not in changed})
+            changed = overrides.get(k) if overrides else None
+            if changed:
+                x += [None] * (max(changed) + 1 - len(x))  # an input the node lacked
+                x = [changed.get(i, t) for i, t in enumerate(x)]
+                node = replace(node, const={
+                    i: c for i, c in node.const.items() if i not in changed})
             try:
                 result = node.fn(node, rt, x)
             except Exception as exc:
