@@ -3,15 +3,15 @@
 For each model, two pairs of ``idap_onnx.optimize.optimize`` runs, in turns in one process
 (the refit run right after the run without it, so both see the same machine state):
 
-torch is imported before the first run (as the CLI's first refit does: about 2 s once per
-process, left out of the ratio); ``--repeats N`` runs each matched pair N times in turns
-and gives the medians (these machines are noisy).
-
 * **matched** (the time ratio): stage 1 only, a budget so loose that only the MACs target
   stops it, ``--target`` of the MACs kept; both runs take the same schedule, so their times
   compare the same work with and without the refit. Per-step seconds are reported too.
 * **budget** (what a user gets): the default stages and ``max_drop`` points of top-1 (models
   with labels) or ``max_error`` relative output error (others), the same MACs target.
+
+torch is imported before the first run (as the CLI's first refit does: about 2 s once per
+process, left out of the ratio); ``--repeats N`` runs each matched pair N times in turns
+and gives the medians (these machines are noisy).
 
 Each row: MACs kept, validation and test metric, relative output error on test, steps
 evaluated and accepted, seconds. Models: ``digits`` (``tools/digits.py``), ``mnist_se``
@@ -61,7 +61,7 @@ def run(task, mode: str, refit: bool, target: float, max_drop: float, max_error:
     labelled = task.val_labels is not None
     budget = {"max_drop": LOOSE} if mode == "matched" else (
         {"max_drop": max_drop} if labelled else {"max_error": max_error})
-    config = OptimizeConfig(target_flops=target, metric=task.metric, p0=P0[task.key],
+    config = OptimizeConfig(target_flops=target, metric=task.metric, p0=P0[task.name],
                             stages=(1,) if mode == "matched" else (1, 2), refit=refit,
                             latency="off", **budget)
     t0 = time.perf_counter()
@@ -71,7 +71,7 @@ def run(task, mode: str, refit: bool, target: float, max_drop: float, max_error:
     test = test_ev.evaluate(result.model)
     stage1 = [s for s in result.steps if s.stage == 1]
     return {
-        "model": task.key, "mode": mode, "refit": refit, "target": target,
+        "model": task.name, "mode": mode, "refit": refit, "target": target,
         "budget": budget, "kept": result.final["macs"] / result.original["macs"],
         "val": result.final["metric"], "val0": result.original["metric"], "test": test.metric,
         "test_error": test.rel_error, "steps": len(result.steps),
@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.models:
         task = task_for(name, args.batch)
-        task.key = name
         for mode in args.modes:
             runs: dict[bool, list[dict]] = {False: [], True: []}
             for _ in range(args.repeats if mode == "matched" else 1):

@@ -256,12 +256,14 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------- cache
 
 
-def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$IDAP_DIGITS_CACHE``, else ``<repo>/.cache/digits``."""
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None, env_var: str = CACHE_ENV,
+                      default: Path = DEFAULT_CACHE) -> Path:
+    """``cache_dir``, else ``$IDAP_DIGITS_CACHE``, else ``<repo>/.cache/digits`` (another
+    asset passes its own variable and folder: ``mnist_se.py``)."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else DEFAULT_CACHE
+    env = os.environ.get(env_var)
+    return Path(env).expanduser() if env else default
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:

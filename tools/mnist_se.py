@@ -241,10 +241,7 @@ def export(net, path: Path) -> None:
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """``cache_dir``, else ``$IDAP_MNIST_SE_CACHE``, else ``<repo>/.cache/mnist_se``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else DEFAULT_CACHE
+    return _digits.resolve_cache_dir(cache_dir, CACHE_ENV, DEFAULT_CACHE)
 
 
 def _source_hash() -> str:
