@@ -33,9 +33,9 @@ from idap_onnx.blocks import find_blocks
 from idap_onnx.calib.scores import block_divergence, unit_scores
 from idap_onnx.calib.stats import collect, plan_probes
 from idap_onnx.dependency import DependencyGraph, analyze_model
+from idap_onnx.deploy.latency import BACKENDS
 from idap_onnx.errors import UsageError
 from idap_onnx.group_costs import predict_macs
-from idap_onnx.latency import BACKENDS
 from idap_onnx.metrics import Evaluator
 from idap_onnx.passes.prune_channels import prune_channels
 from idap_onnx.passes.remove_blocks import remove_blocks

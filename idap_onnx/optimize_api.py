@@ -25,8 +25,8 @@ from idap_onnx.calib.data import DataError, ImageSpec, batches, load_data, requi
 from idap_onnx.calib.scores import unit_scores
 from idap_onnx.calib.stats import collect, plan_probes
 from idap_onnx.dependency import analyze_model
+from idap_onnx.deploy.latency import LatencyUnavailable, example_feed, measure, tensorrt_available
 from idap_onnx.errors import UsageError
-from idap_onnx.latency import LatencyUnavailable, example_feed, measure, tensorrt_available
 from idap_onnx.metrics import Evaluator
 from idap_onnx.model_io import load_model, save_model
 from idap_onnx.optimize import OptimizeConfig, OptimizeResult, optimize

@@ -1,4 +1,4 @@
-"""Latency measured side by side (``idap_onnx.latency``): the report's shape, the feed taken
+"""Latency measured side by side (``idap_onnx.deploy.latency``): the report's shape, the feed taken
 from real data, and clear errors. Figures themselves are never asserted (timings belong in
 ``tools/`` benchmarks); the structure and the arithmetic are."""
 
@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from idap_onnx.deploy.latency import LatencyUnavailable, example_feed, measure, tensorrt_available
 from idap_onnx.errors import IdapError
-from idap_onnx.latency import LatencyUnavailable, example_feed, measure, tensorrt_available
 
 
 def _mlp(hidden: int, batch: int | str = "N") -> onnx.ModelProto:

@@ -219,7 +219,7 @@ def test_an_interrupted_run_leaves_no_output_and_exits_non_zero(digits_dir, tmp_
 
 
 def test_latency_on_tensorrt_without_it_fails_before_the_run(digits_dir, tmp_path, capsys):
-    from idap_onnx.latency import tensorrt_available
+    from idap_onnx.deploy.latency import tensorrt_available
 
     if tensorrt_available()[0]:
         pytest.skip("TensorRT and a CUDA GPU are present here")

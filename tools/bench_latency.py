@@ -3,7 +3,7 @@
 For each zoo model (random weights; real torchvision architectures), the same share of
 channel units is removed by weight norm (``idap_onnx.api.prune``, ``l1``) with kept counts
 rounded to multiples of 1, 8 and 16, and the original and the three pruned models are timed
-in turns by ``idap_onnx.latency.measure`` (ONNX Runtime, default optimizations, batch 1,
+in turns by ``idap_onnx.deploy.latency.measure`` (ONNX Runtime, default optimizations, batch 1,
 N(0, 1) inputs). Unit scores do not matter for speed, only the kept widths do, so the weight
 norm stands in for ``idap`` here (no calibration data needed).
 
@@ -33,7 +33,7 @@ from machine import line  # noqa: E402
 
 from idap_onnx.accounting import model_cost  # noqa: E402
 from idap_onnx.api import prune  # noqa: E402
-from idap_onnx.latency import measure  # noqa: E402
+from idap_onnx.deploy.latency import measure  # noqa: E402
 from idap_onnx.model_io import load_model  # noqa: E402
 
 ROUNDINGS = (1, 8, 16)

@@ -1,6 +1,6 @@
 """``idap-onnx latency``: time a model and the models it is compared with, side by side.
 
-A thin layer over ``idap_onnx.latency.measure``: MODEL is the reference, each ``--compare``
+A thin layer over ``idap_onnx.deploy.latency.measure``: MODEL is the reference, each ``--compare``
 model is timed in turns with it on the same input samples (real data with ``--data``, else
 random values of the input shapes), and the report gives each median and its speed-up.
 """
@@ -75,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from idap_onnx.calib.data import batches, load_data
+    from idap_onnx.deploy.latency import example_feed, measure
     from idap_onnx.errors import UsageError
-    from idap_onnx.latency import example_feed, measure
     from idap_onnx.model_io import load_model
 
     shared.check_paths(args)
