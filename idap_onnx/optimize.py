@@ -78,6 +78,7 @@ class OptimizeConfig:
     latency: str = "onnxruntime"
     latency_batch: int = 1
     latency_fp16: bool = False
+    precision: str = "fp32"  # the exported model's; the budget is judged on it (optimize_api)
 
     def check(self) -> None:
         if self.max_drop is not None and self.max_error is not None:
@@ -98,6 +99,8 @@ class OptimizeConfig:
             )
         if self.latency_batch < 1:
             raise UsageError(f"latency_batch {self.latency_batch} must be >= 1")
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise UsageError(f"precision '{self.precision}': choose fp32, fp16 or int8")
 
 
 @dataclass
@@ -138,6 +141,17 @@ class OptimizeResult:
     kept: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
     latency: dict | None = None  # ``latency.LatencyReport.to_dict()``, set by run_optimize
+    # With ``config.precision`` other than fp32: every accepted model in order (``record``),
+    # and the export of the result (``export`` for the report, ``exported`` the model), set
+    # by run_optimize.
+    accepted: list[onnx.ModelProto] = field(default_factory=list)
+    export: dict | None = None
+    exported: onnx.ModelProto | None = None
+
+    def record(self, model: onnx.ModelProto) -> None:
+        """Remember an accepted model, for stepping back when its export breaks the budget."""
+        if self.config.precision != "fp32":
+            self.accepted.append(model)
 
     def to_dict(self) -> dict:
         config = asdict(self.config)
@@ -158,6 +172,7 @@ class OptimizeResult:
             "kept": self.kept,
             "seconds": round(self.seconds, 3),
             "latency": self.latency,
+            "export": self.export,
         }
 
 
@@ -390,6 +405,7 @@ def _stage1(
             )
             if ok:
                 current, cost, accepted = candidate, new_cost, True
+                result.record(candidate)
                 break
             fraction /= 2
         if not accepted:
@@ -495,6 +511,7 @@ def _stage2(current, cost, calib, evaluator, config, shapes, budget, targets, re
         if ok:
             current, cost = candidate, new_cost
             result.removed_blocks.append(name)
+            result.record(candidate)
         else:
             result.essential_blocks.append(name)
     return current, cost

@@ -25,7 +25,7 @@ from idap_onnx.calib.data import DataError, ImageSpec, batches, load_data, requi
 from idap_onnx.calib.scores import unit_scores
 from idap_onnx.calib.stats import collect, plan_probes
 from idap_onnx.dependency import analyze_model
-from idap_onnx.deploy.latency import LatencyUnavailable, example_feed, measure, tensorrt_available
+from idap_onnx.deploy.latency import LatencyUnavailable, backend_available, example_feed, measure
 from idap_onnx.errors import UsageError
 from idap_onnx.metrics import Evaluator
 from idap_onnx.model_io import load_model, save_model
@@ -153,14 +153,19 @@ def run_optimize(
         data=data,
         seed=config.seed,
     )
-    if config.latency == "tensorrt":  # fail before the run, not after it
-        ok, why = tensorrt_available()
+    if config.latency in ("tensorrt", "trtexec"):  # fail before the run, not after it
+        ok, why = backend_available(config.latency)
         if not ok:
             raise LatencyUnavailable(why)
     result = optimize(prep.model, prep.calib, prep.evaluator, config, progress=progress)
+    if config.precision != "fp32":
+        export_within_budget(prep, result, progress=progress)
     if config.latency != "off":
+        models = {"original": prep.model, "optimized": result.model}
+        if result.exported is not None:
+            models["exported"] = result.exported
         result.latency = measure(
-            {"original": prep.model, "optimized": result.model},
+            models,
             example_feed(prep.calib, config.latency_batch),
             backend=config.latency,
             device=config.device,
@@ -168,6 +173,99 @@ def run_optimize(
             progress=progress,
         ).to_dict()
     return result
+
+
+def export_within_budget(
+    prep: Prepared, result: OptimizeResult, *, progress: Callable[[str], None] | None = None
+) -> None:
+    """Judge the budget on the model at ``result.config.precision``: export the result, and
+    while its export breaks the budget step back through the accepted models (then the
+    original) to the last whose export holds it. Int8 ranges come from the first
+    ``export.CALIB_SAMPLES`` calibration samples. Sets ``result.exported`` (None where no
+    export holds, or where int8 kept fp32 because no int8 form paid) and ``result.export``;
+    ``result.model``/``final``/``kept`` follow a step back. Int8 forms are chosen on the
+    calibration part at ``config.latency_batch``."""
+    from idap_onnx.accounting import model_cost
+    from idap_onnx.deploy.export import CALIB_SAMPLES, convert
+    from idap_onnx.deploy.latency import example_feed
+    from idap_onnx.optimize import _budget, _kept_counts, _within
+
+    say = progress or (lambda _line: None)
+    config, ev = result.config, prep.evaluator
+    budget = _budget(config, ev)
+    target = "tensorrt" if config.latency in ("tensorrt", "trtexec") else "onnxruntime-cpu"
+    feed = example_feed(prep.calib, config.latency_batch)
+    calib = _first_samples(prep.calib, CALIB_SAMPLES)
+    chain = [result.model, *[m for m in reversed(result.accepted) if m is not result.model]]
+    if chain[-1] is not prep.model:
+        chain.append(prep.model)
+    tried, chosen = [], None
+    for back, fp32 in enumerate(chain):
+        conv = convert(fp32, config.precision, calib, target=target, feed=feed, progress=say)
+        e = ev.evaluate(conv.model)
+        ok, drop = _within(e, ev, budget)
+        tried.append({"stepped_back": back, "applied": conv.applied, "metric": e.metric,
+                      "error": e.rel_error, "drop": drop, "holds": ok})
+        say(f"export {config.precision} ({conv.applied}) of the model {back} accepted step(s) "
+            f"back: {ev.metric_name} {e.metric:.4f}, drop {drop:.4f} -> "
+            f"{'holds the budget' if ok else 'breaks the budget'}")
+        if ok:
+            chosen = (back, fp32, conv, e, drop)
+            break
+    shapes = {k: [1, *v.shape[1:]] for k, v in prep.calib[0].items()}
+    note = ""
+    if chosen is None:
+        note = (f"no {config.precision} export holds the budget, not even the original's; "
+                "the fp32 result is the deliverable")
+        result.export = {"precision": config.precision, "applied": None, "note": note,
+                         "tried": tried, "stepped_back": 0}
+        return
+    back, fp32, conv, e, drop = chosen
+    if back:
+        cost = model_cost(fp32, shapes)
+        f = ev.evaluate(fp32)
+        result.model = fp32
+        result.final = {"params": cost.params, "macs": cost.macs, "metric": f.metric,
+                        "error": f.rel_error, "drop": ev.drop(f)}
+        result.kept = _kept_counts(prep.model, fp32)
+        result.removed_blocks = result.removed_blocks[: max(
+            0, len(result.removed_blocks) - back)]
+        note = f"stepped back {back} accepted step(s): the later ones' exports broke the budget"
+    if conv.applied != config.precision:
+        note = "; ".join(x for x in (note, conv.note) if x)
+    result.exported = conv.model if conv.applied == config.precision else None
+    o, fin = result.original, result.final
+    result.export = {
+        "precision": config.precision,
+        "applied": conv.applied,
+        "target": target,
+        "path": None,
+        "stepped_back": back,
+        "tried": tried,
+        "note": note,
+        "kept_fp32": conv.kept_fp32,
+        "int8": conv.int8.to_dict() if conv.int8 else None,
+        "models": {
+            "original": {"metric": o["metric"], "params": o["params"], "macs": o["macs"],
+                         "bytes": prep.model.ByteSize()},
+            "optimized": {"metric": fin["metric"], "params": fin["params"], "macs": fin["macs"],
+                          "bytes": result.model.ByteSize()},
+            "exported": {"metric": e.metric, "error": e.rel_error, "drop": drop,
+                         "params": fin["params"], "macs": fin["macs"],
+                         "bytes": conv.model.ByteSize()},
+        },
+    }
+
+
+def _first_samples(batches: list[dict], n: int) -> list[dict]:
+    """The first batches holding ``n`` samples (at least one batch)."""
+    out, count = [], 0
+    for b in batches:
+        if out and count >= n:
+            break
+        out.append(b)
+        count += len(next(iter(b.values())))
+    return out
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -194,8 +292,13 @@ def write_outputs(
     report_dir.mkdir(parents=True, exist_ok=True)
     stem = output.stem
     save_model(result.model, output, input_path=input_path)
+    paths = {"model": output}
+    if result.exported is not None and result.export:
+        exported = output.with_name(f"{stem}.{result.export['applied']}.onnx")
+        paths["exported"] = save_model(result.exported, exported, input_path=input_path)
+        result.export["path"] = str(exported)
     report = result.to_dict()
-    paths = {"model": output, "json": report_dir / f"{stem}.report.json"}
+    paths["json"] = report_dir / f"{stem}.report.json"
     _atomic_text(paths["json"], json.dumps(report, indent=2, sort_keys=True))
     plots = write_plots(report, report_dir, stem)
     paths["markdown"] = report_dir / f"{stem}.report.md"

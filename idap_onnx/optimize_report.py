@@ -67,6 +67,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
             )
             lines.append(f"| `{name}` | {d:.4f} | {outcome} |")
     lines += _latency_lines(report.get("latency"), report["settings"].get("round_to", 1))
+    lines += _export_lines(report.get("export"), report.get("latency"), report["metric"])
     lines += [
         "",
         "## Kept output channels per layer",
@@ -128,6 +129,45 @@ def _latency_lines(lat: dict | None, round_to: int = 1) -> list[str]:
         )
     hint = slower_hint(lat, round_to)
     return lines + (["", f"Hint: {hint}."] if hint else [])
+
+
+def _export_lines(export: dict | None, lat: dict | None, metric: str) -> list[str]:
+    """The original fp32, the pruned fp32 and the exported model side by side, the budget
+    judged on the exported one (``optimize --precision``)."""
+    if not export:
+        return []
+    lines = ["", f"## Deployed precision: {export['precision']}", ""]
+    if export.get("applied") is None:
+        return lines + [f"- {export['note']}"]
+    lines += [
+        f"- exported as {export['applied']} for {export['target']}"
+        + (f" to `{export['path']}`" if export.get("path") else "")
+        + (f"; {export['note']}" if export["note"] else ""),
+    ]
+    if export.get("int8") and export["int8"]["form"]:
+        q = export["int8"]
+        lines.append(f"- int8 form: {q['form']}, {q['quantized_nodes']} nodes quantized, "
+                     f"{len(q['kept_fp32'])} kept fp32 ({q['note']})")
+    timings = (lat or {}).get("timings", {})
+    lines += [
+        "",
+        f"| model | {metric} | params | MACs | bytes | median ms | speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = {"original": "original fp32", "optimized": "pruned fp32",
+             "exported": f"pruned {export['applied']}" + (
+                 "" if export["applied"] == export["precision"] else
+                 f" (asked {export['precision']}: fp32 kept)")}
+    for key, label in names.items():
+        m = export["models"][key]
+        t = timings.get(key)
+        ms = f"{t['median_ms']:.3f}" if t else "-"
+        up = f"{lat['speedup'][key]:.2f}x" if t else "-"
+        lines.append(
+            f"| {label} | {m['metric']:.4f} | {format_count(m['params'])} | "
+            f"{format_count(m['macs'])} | {m['bytes']:,} | {ms} | {up} |"
+        )
+    return lines
 
 
 def write_plots(report: dict, directory: Path, stem: str) -> dict[str, str]:

@@ -4,6 +4,8 @@ from real data, and clear errors. Figures themselves are never asserted (timings
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -90,3 +92,55 @@ def test_tensorrt_backend_says_what_is_missing():
     with pytest.raises(LatencyUnavailable, match="tensorrt|CUDA"):
         measure({"a": _mlp(8)}, {"x": np.ones((1, 32), np.float32)}, backend="tensorrt")
     assert why
+
+
+def test_fp32_and_fp16_files_are_timed_side_by_side(tmp_path):
+    """An fp16 ONNX file (fp32 inputs and outputs, from ``deploy.fp16``) next to its fp32
+    source on ONNX Runtime: both run on the same feed."""
+    from idap_onnx.deploy.fp16 import to_fp16
+    from idap_onnx.model_io import save_model
+
+    fp32 = _mlp(256)
+    path32 = save_model(fp32, tmp_path / "mlp.onnx")
+    path16 = save_model(to_fp16(fp32, _batches(2, 4)).model, tmp_path / "mlp.fp16.onnx")
+    report = measure({"fp32": str(path32), "fp16": str(path16)},
+                     example_feed(_batches(1, 2), batch=2), rounds=2, per_round=3, warmup=1)
+    assert {n: t.runs for n, t in report.timings.items()} == {"fp32": 6, "fp16": 6}
+    assert report.speedup["fp16"] > 0
+
+
+def test_each_gpu_backend_says_whether_it_can_run_here():
+    from idap_onnx.deploy.latency import backend_available
+    from idap_onnx.deploy.trtexec import find_trtexec
+
+    assert backend_available("onnxruntime") == (True, "")
+    assert backend_available("tensorrt") == tensorrt_available()
+    ok, why = backend_available("trtexec")
+    if find_trtexec() is None:
+        assert not ok and "trtexec" in why and "PATH" in why
+        with pytest.raises(LatencyUnavailable, match="trtexec"):
+            measure({"a": _mlp(8)}, {"x": np.ones((1, 32), np.float32)}, backend="trtexec")
+
+
+def test_latency_command_with_engines_gives_one_line_errors(tmp_path, capsys):
+    """``idap-onnx latency`` with ``.plan`` files: an engine on ONNX Runtime, a missing engine,
+    engines only, and a missing TensorRT each end in one ``idap-onnx: error:`` line."""
+    from idap_onnx.cli.main import main
+    from idap_onnx.model_io import save_model
+
+    model = str(save_model(_mlp(16), tmp_path / "mlp.onnx"))
+    plan = tmp_path / "mlp.plan"
+    plan.write_bytes(b"serialized engine")
+    cases = [
+        ([model, "--compare", str(plan)], "mlp.plan is a TensorRT engine; time it with the"),
+        ([model, "--compare", str(tmp_path / "no.plan"), "--backend", "tensorrt"],
+         "engine '.*no.plan' does not exist"),
+        ([str(plan), "--backend", "tensorrt"], "every model is a TensorRT engine"),
+    ]
+    if not tensorrt_available()[0]:
+        cases.append(([model, "--compare", str(plan), "--backend", "tensorrt"], "TensorRT needs"))
+    for argv, message in cases:
+        assert main(["latency", *argv]) == 1
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("idap-onnx: error:")]
+        assert len(lines) == 1 and re.search(message, lines[0]), err

@@ -7,12 +7,23 @@ On a machine with CUDA it reports, for the record in ``docs/BENCHMARKS.md``:
 * **training throughput**: samples/s of one distillation-style training step (forward,
   MSE to a fixed target, backward, AdamW) of ResNet-50 as an ``OnnxModule`` and of
   torchvision's hand-written ResNet-50 with the same weights, measured side by side, and
-  the same for inference.
+  the same for inference;
+* **latency of original and pruned** (issue 15): each ``--latency-models`` model and its
+  pruned form (``idap_onnx.api.prune``, ``--latency-ratio`` of the units by weight norm,
+  widths rounded to 8) as ``OnnxModule`` s on CUDA, fp32 (TF32 off) and fp16
+  (``module.half()``), batch 1 and 32 (``--latency-batches``), each forward captured once in
+  a CUDA graph and its replays timed with CUDA events (median and p90 of ``--replays``);
+  original and pruned replayed in turns, so their ratio is the figure to compare. Eager
+  timings at small batches are launch-bound and say little (docs/BENCHMARKS.md).
+
+Without CUDA the script prints why it skips and exits 0 (``--device cpu`` runs a dry run of
+parity and throughput; the CUDA-graph latency needs CUDA and is skipped there too).
 
 It needs torch, torchvision, onnx and onnxruntime (the device image has them; it does not
 need idap-onnx installed: run it from the repository root with ``PYTHONPATH=.``)::
 
     PYTHONPATH=. python3 tools/gpu_check.py --out $OUT/gpu_check.json
+    PYTHONPATH=. python3 tools/gpu_check.py --sections latency --out $OUT/latency.json
     .venv/bin/python tools/gpu_check.py --device cpu --models resnet18 bert_tiny \\
         --batch 2 --steps 2 --warmup 1        # a dry run of the script without a GPU
 """
@@ -42,6 +53,7 @@ from idap_onnx.torch_graph import OnnxModule  # noqa: E402
 PARITY_MODELS = ("resnet50", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny",
                  "bert_tiny", "gpt2_tiny")
 PARITY_TOL = 1e-5
+SECTIONS = ("parity", "throughput", "latency")
 
 
 def _sync(device: str) -> None:
@@ -151,6 +163,67 @@ def _conv_bn_pairs(net):
                 yield block.downsample[0], block.downsample[1]
 
 
+def _graph_replay_ms(module, feed: dict, replays: int) -> list[float]:
+    """Times (ms) of ``replays`` replays of one CUDA graph of ``module`` on ``feed``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.inference_mode(), torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up on a side stream before the capture (torch's recipe)
+            module(feed)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        module(feed)
+    times = []
+    for _ in range(replays):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def latency(name: str, ratio: float, batches: list[int], replays: int, rounds: int) -> list[dict]:
+    """Original and pruned ``name`` as CUDA-graph replays, fp32 and fp16, per batch."""
+    from idap_onnx.accounting import model_cost
+    from idap_onnx.api import prune
+
+    original = load_model(zoo.build(name))
+    pruned, _ = prune(original, ratio, score="l1", round_to=8, verify=False)
+    macs = {"original": model_cost(original).macs, "pruned": model_cost(pruned).macs}
+    feeds = zoo.make_inputs(name)
+    rows = []
+    for dtype in (torch.float32, torch.float16):
+        modules = {k: OnnxModule(m, trainable=False).eval().to("cuda", dtype=dtype)
+                   for k, m in (("original", original), ("pruned", pruned))}
+        for batch in batches:
+            feed = {}
+            for k, v in feeds.items():
+                t = torch.from_numpy(np.repeat(v[:1], batch, axis=0)).cuda()
+                feed[k] = t.to(dtype) if t.is_floating_point() else t
+            try:
+                samples = {k: [] for k in modules}
+                for _ in range(rounds):  # in turns: a drift of the GPU reaches both alike
+                    for k, module in modules.items():
+                        samples[k] += _graph_replay_ms(module, feed, replays // rounds)
+            except RuntimeError as exc:  # a fixed batch size, an op without an fp16 kernel
+                rows.append({"model": name, "dtype": str(dtype).split(".")[-1], "batch": batch,
+                             "skipped": str(exc).splitlines()[0][:200]})
+                continue
+            med = {k: float(np.median(v)) for k, v in samples.items()}
+            rows.append({
+                "model": name, "dtype": str(dtype).split(".")[-1], "batch": batch,
+                "ratio": ratio, "macs_kept": macs["pruned"] / macs["original"],
+                **{f"{k}_median_ms": med[k] for k in med},
+                **{f"{k}_p90_ms": float(np.percentile(samples[k], 90)) for k in samples},
+                "speedup": med["original"] / med["pruned"],
+            })
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -159,10 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--latency-models", nargs="+", default=["resnet50", "mobilenet_v2"])
+    parser.add_argument("--latency-ratio", type=float, default=0.5)
+    parser.add_argument("--latency-batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--replays", type=int, default=200, help="CUDA-graph replays per case")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA device here; use --device cpu for a dry run", file=sys.stderr)
-        return 2
+        print("gpu_check: SKIPPED: torch sees no CUDA device here (torch "
+              f"{torch.__version__}); --device cpu runs a dry run of parity and throughput")
+        return 0
     torch.backends.cuda.matmul.allow_tf32 = False  # parity is checked in true float32
     torch.backends.cudnn.allow_tf32 = False
     result = {
@@ -172,18 +251,33 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "parity": [],
     }
-    for name in args.models:
+    for name in args.models if "parity" in args.sections else ():
         row = parity(name, args.device)
         result["parity"].append(row)
         print(f"parity {name:22s} max rel L2 {row['max_rel_l2']:.2e} "
               f"{'ok' if row['ok'] else 'OVER ' + str(PARITY_TOL)}", flush=True)
-    result["resnet50"] = throughput(args.device, args.batch, args.steps, args.warmup)
-    r = result["resnet50"]
-    print(f"ResNet-50 batch {r['batch']} on {result['device']}: "
-          f"infer {r['infer_onnx_sps']:.0f} vs {r['infer_torch_sps']:.0f} samples/s "
-          f"(torch/onnx {r['infer_ratio']:.2f}x), train {r['train_onnx_sps']:.0f} vs "
-          f"{r['train_torch_sps']:.0f} samples/s ({r['train_ratio']:.2f}x); outputs agree to "
-          f"{r['max_diff_rel_eval']:.1e} of the largest logit", flush=True)
+    if "throughput" in args.sections:
+        result["resnet50"] = throughput(args.device, args.batch, args.steps, args.warmup)
+        r = result["resnet50"]
+        print(f"ResNet-50 batch {r['batch']} on {result['device']}: "
+              f"infer {r['infer_onnx_sps']:.0f} vs {r['infer_torch_sps']:.0f} samples/s "
+              f"(torch/onnx {r['infer_ratio']:.2f}x), train {r['train_onnx_sps']:.0f} vs "
+              f"{r['train_torch_sps']:.0f} samples/s ({r['train_ratio']:.2f}x); outputs agree "
+              f"to {r['max_diff_rel_eval']:.1e} of the largest logit", flush=True)
+    if "latency" in args.sections and args.device != "cuda":
+        print("latency: SKIPPED: CUDA-graph replays need a CUDA device (--device cuda)")
+    elif "latency" in args.sections:
+        result["latency"] = []
+        for name in args.latency_models:
+            for row in latency(name, args.latency_ratio, args.latency_batches, args.replays, 4):
+                result["latency"].append(row)
+                head = f"latency {name:14s} {row['dtype']:8s} batch {row['batch']:3d}"
+                if "skipped" in row:
+                    print(f"{head} skipped: {row['skipped']}", flush=True)
+                    continue
+                print(f"{head} original {row['original_median_ms']:.3f} ms, pruned "
+                      f"{row['pruned_median_ms']:.3f} ms ({100 * row['macs_kept']:.0f} % of "
+                      f"MACs): {row['speedup']:.2f}x", flush=True)
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1))
     return 0 if all(row["ok"] for row in result["parity"]) else 1

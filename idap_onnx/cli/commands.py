@@ -334,3 +334,28 @@ COMMANDS = (
         *_module("latency_cmd"),
     ),
 )
+
+
+COMMANDS = (
+    *COMMANDS,
+    Command(
+        "export",
+        "write a model at fp32, fp16 or int8 for its runtime (and a TensorRT engine)",
+        "Convert MODEL to --precision for the --target runtime, check it against MODEL on the\n"
+        "calibration samples (max relative output error), time both side by side and write\n"
+        "OUT atomically. int8 is ONNX Runtime's static quantization in the target's form\n"
+        "(onnxruntime-cpu: U8S8, QOperator or QDQ, whichever measures faster; tensorrt: QDQ,\n"
+        "symmetric signed int8); op classes whose int8 form measures slower stay fp32, and when\n"
+        "no int8 form runs faster than MODEL the fp32 model is written and the text says so.\n"
+        "--engine also builds a TensorRT engine (needs TensorRT and a GPU, checked first).\n\n"
+        "examples:\n"
+        "  idap-onnx export cnn.opt.onnx -o cnn.int8.onnx --precision int8 --calib train.npz\n"
+        "  idap-onnx export cnn.opt.onnx -o cnn.int8.onnx --precision int8 --calib train.npz \\\n"
+        "      --latency-batch 8 --keep-fp32 /stem/Conv --calib-method entropy --json exp.json\n"
+        "  idap-onnx export enc.onnx -o enc.fp16.onnx --precision fp16 --calib sentences.npz\n"
+        "  idap-onnx export r50.onnx -o r50.int8.onnx --precision int8 --calib imgs/ \\\n"
+        "      --engine r50.plan --min-shape input:1x3x224x224 --opt-shape input:8x3x224x224 \\\n"
+        "      --max-shape input:32x3x224x224",
+        *_module("export_cmd"),
+    ),
+)

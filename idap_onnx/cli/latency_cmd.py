@@ -3,6 +3,8 @@
 A thin layer over ``idap_onnx.deploy.latency.measure``: MODEL is the reference, each ``--compare``
 model is timed in turns with it on the same input samples (real data with ``--data``, else
 random values of the input shapes), and the report gives each median and its speed-up.
+Models are ONNX files of any precision or, on the tensorrt and trtexec backends, serialized
+TensorRT engines (``.plan``/``.engine``); the first ONNX file among them gives the inputs.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import warnings
 from pathlib import Path
 
 from idap_onnx.cli import args as shared
+from idap_onnx.deploy.latency import BACKENDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model", metavar="MODEL",
-        help="the reference .onnx file, e.g. the original (never modified)",
+        help="the reference .onnx file, e.g. the original (never modified), or a .plan "
+             "TensorRT engine (tensorrt/trtexec backends)",
     )
     shared.add_output_args(parser, model_output=False)
     group = parser.add_argument_group("what to time")
@@ -45,16 +49,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run = parser.add_argument_group("backend and rounds")
     run.add_argument(
-        "--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+        "--backend", choices=BACKENDS, default="onnxruntime",
         help="onnxruntime: default session optimizations on the --device provider; "
-             "tensorrt: an engine built per model, timed on the GPU with CUDA events "
-             "(needs the tensorrt package and CUDA) (default: onnxruntime)",
+             "tensorrt: a strongly typed engine built per ONNX file (.plan files loaded), "
+             "timed on the GPU with CUDA events (needs the tensorrt package and CUDA); "
+             "trtexec: TensorRT's trtexec from the PATH times each engine "
+             "(default: onnxruntime)",
     )
     run.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto",
         help="ONNX Runtime provider: auto takes CUDA when available (default: auto)",
     )
-    run.add_argument("--fp16", action="store_true", help="TensorRT engines with FP16 enabled")
+    run.add_argument(
+        "--fp16", action="store_true",
+        help="tensorrt/trtexec: convert each ONNX file to fp16 (fp32 I/O) before the build; "
+             ".plan files are timed as built",
+    )
     run.add_argument(
         "--rounds", metavar="R", type=int, default=5,
         help="turns of the models (default: 5)",
@@ -76,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from idap_onnx.calib.data import batches, load_data
     from idap_onnx.deploy.latency import example_feed, measure
+    from idap_onnx.deploy.tensorrt import is_engine
     from idap_onnx.errors import UsageError
     from idap_onnx.model_io import load_model
 
@@ -84,7 +95,14 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch {args.batch} must be >= 1")
     paths = [args.model, *args.compare]
     models = dict(zip(_labels(paths), paths, strict=True))
-    reference = load_model(args.model)
+    onnx_files = [p for p in paths if not is_engine(p)]
+    for path in set(paths) - set(onnx_files):
+        if not Path(path).is_file():
+            raise UsageError(f"latency: engine '{path}' does not exist")
+    if not onnx_files:
+        raise UsageError("latency: every model is a TensorRT engine; add an .onnx file "
+                         "(its inputs give the samples' shapes)")
+    reference = load_model(onnx_files[0])
     with warnings.catch_warnings():  # random values are fine for timing (not for scores)
         warnings.filterwarnings("ignore", "random calibration data is synthetic")
         ds = load_data(
@@ -93,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
         )
     feed = example_feed(list(batches(ds, args.batch)), args.batch)
     del reference, ds
-    for path in args.compare:
+    for path in onnx_files[1:]:
         load_model(path)  # a clear error for a bad file before any timing
     report = measure(
         models, feed, backend=args.backend, device=args.device,

@@ -19,9 +19,11 @@ from idap_onnx.cli import args as shared
 _KEYS = (
     "labels", "val_fraction", "batch_size", "seed", "num_random", "tokenizer",
     "seq_len", "target_flops", "target_params", "max_drop", "max_error", "metric", "score",
-    "mean_compensation", "refit", "p0", "alpha", "steps", "round_to", "max_group_ratio",
-    "ignore", "retries", "stages", "max_blocks", "device", "report_dir", "dry_run", "output",
+    "mean_compensation", "refit", "p0", "alpha", "steps", "round_to",
+    "max_group_ratio", "ignore", "retries", "stages", "max_blocks", "device", "report_dir",
+    "dry_run", "output",
     "input_shape", "finetune", "finetune_epochs", "latency", "latency_batch", "latency_fp16",
+    "precision",
 )  # fmt: skip
 
 
@@ -175,11 +177,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     lat.add_argument(
         "--latency",
-        choices=("onnxruntime", "tensorrt", "off"),
+        choices=("onnxruntime", "tensorrt", "trtexec", "off"),
         default="onnxruntime",
         help="onnxruntime: default session optimizations on the --device provider; "
-        "tensorrt: each model built into a TensorRT engine on the GPU (needs the tensorrt "
-        "package and CUDA); off: skip (default: onnxruntime)",
+        "tensorrt: each model built into a strongly typed TensorRT engine on the GPU (needs "
+        "the tensorrt package and CUDA); trtexec: TensorRT's trtexec from the PATH; off: skip "
+        "(default: onnxruntime)",
     )
     lat.add_argument(
         "--latency-batch",
@@ -191,7 +194,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lat.add_argument(
         "--latency-fp16",
         action="store_true",
-        help="build the TensorRT engines with FP16 enabled",
+        help="tensorrt/trtexec: convert each model to fp16 ONNX (fp32 I/O) before the "
+        "strongly typed engine build",
+    )
+    prec = parser.add_argument_group("precision of the deployed model (docs/CLI.md, export)")
+    prec.add_argument(
+        "--precision",
+        metavar="{fp32,fp16,int8}",
+        default="fp32",
+        help="export the result at this precision (as `idap-onnx export`; int8 in the form of "
+        "the --latency backend's runtime, chosen by measurement at --latency-batch) and judge "
+        "the budget on the exported model; where it breaks the budget, step back through the "
+        "accepted steps to the last whose export holds it. Written beside OUT as "
+        "OUT.<precision>.onnx; the report puts the original, the pruned fp32 and the exported "
+        "model side by side (default: fp32, no export)",
     )
     run = parser.add_argument_group("run")
     run.add_argument(
@@ -278,7 +294,20 @@ def _config(args: argparse.Namespace):
         latency=args.latency,
         latency_batch=args.latency_batch,
         latency_fp16=bool(args.latency_fp16),
+        precision=args.precision,
     )
+
+
+def export_line(export: dict, metric: str) -> str:
+    """One line on the exported model: what was written, its metric, any step back."""
+    if export.get("applied") is None:
+        return f"{export['precision']} export: {export['note']}"
+    e = export["models"]["exported"]
+    line = (
+        f"{export['precision']} export ({export['applied']}): {metric} {e['metric']:.4f} "
+        f"(drop {e['drop']:.4f}), {e['bytes'] / 1e6:.3f} MB"
+    )
+    return line + (f"; {export['note']}" if export["note"] else "")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -363,8 +392,17 @@ def run(args: argparse.Namespace) -> None:
             f"{t1['median_ms']:.3f} ms ({lat['speedup']['optimized']:.2f}x), median of "
             f"{t1['runs']} runs each, measured in turns"
         )
+        if "exported" in lat["timings"]:
+            t2 = lat["timings"]["exported"]
+            print(
+                f"latency of the {config.precision} export: {t0['median_ms']:.3f} ms -> "
+                f"{t2['median_ms']:.3f} ms ({lat['speedup']['exported']:.2f}x over the "
+                "original), in the same turns"
+            )
         hint = slower_hint(lat, config.round_to)
         if hint:
             say(f"hint: {hint}")
+    if result.export:
+        print(export_line(result.export, result.metric_name))
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")

@@ -6,12 +6,21 @@ Backends:
   (``ORT_ENABLE_ALL``, what a user deploys) on the CUDA provider when ONNX Runtime has it,
   else the CPU provider (``device`` overrides); wall time of ``session.run``, which includes
   the copies of inputs and outputs between host and device.
-- ``tensorrt``: each model parsed by TensorRT's ONNX parser and built into an engine (FP32, or
-  FP16 with ``fp16=True``; dynamic input dims fixed to the feed's shape by one optimization
-  profile), run with ``execute_async_v3`` on a CUDA stream and timed with CUDA events around
-  the enqueue alone: inputs stay on the GPU, as in a deployed pipeline. Needs the
-  ``tensorrt`` package and torch with CUDA (for the device buffers and the stream); where
-  either is missing, :class:`LatencyUnavailable` says which.
+- ``tensorrt``: each ONNX file built into an engine as a strongly typed network (precision
+  from the file; ``fp16=True`` first converts it with ``deploy.fp16.to_fp16``, the feed as its
+  calibration batch), by ``deploy.tensorrt.build_engine`` with one optimization profile fixed
+  to the feed's shapes; a ``.plan`` engine is loaded as it is. Run with ``execute_async_v3``
+  on a CUDA stream and timed with CUDA events around the enqueue alone: inputs stay on the
+  GPU, as in a deployed pipeline. Needs the ``tensorrt`` package and torch with CUDA (for the
+  device buffers and the stream); where either is missing, :class:`LatencyUnavailable` says
+  which.
+- ``trtexec``: TensorRT's ``trtexec`` from the PATH (``deploy.trtexec``): engines built once
+  (or ``.plan`` files loaded), each round one ``trtexec`` run of ``per_round`` iterations with
+  CUDA graphs and without host/device copies; a sample is one iteration's GPU compute time
+  from its ``--exportTimes`` JSON, and each run warms up for 200 ms itself.
+
+ONNX files of any precision (fp32, fp16 with fp32 I/O, int8 QDQ or QOperator) can be mixed;
+``.plan``/``.engine`` files only on the TensorRT backends.
 
 Side by side: the models take turns, ``rounds`` times, each turn ``per_round`` timed runs
 after ``warmup`` untimed ones (first turn only), so a drift of the machine (other load, clock
@@ -34,9 +43,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from idap_onnx.errors import IdapError
+from idap_onnx.deploy.tensorrt import is_engine, tensorrt_modules
+from idap_onnx.deploy.trtexec import Trtexec, require_trtexec
+from idap_onnx.errors import IdapError, UsageError
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "trtexec")
 
 
 class LatencyUnavailable(IdapError):
@@ -129,14 +140,16 @@ def measure(
         raise IdapError("latency: rounds and runs per round must be >= 1, warm-up >= 0")
     feed = {k: np.ascontiguousarray(v) for k, v in feed.items()}
     batch = int(next(iter(feed.values())).shape[0]) if feed else 1
+    engines = [m for m in models.values() if isinstance(m, (str, os.PathLike)) and is_engine(m)]
+    if engines and backend == "onnxruntime":
+        raise UsageError(f"latency: {engines[0]} is a TensorRT engine; time it with the "
+                         "tensorrt or trtexec backend")
+    tool = require_trtexec() if backend == "trtexec" else None
     with tempfile.TemporaryDirectory(prefix="idap-latency-") as tmp:
         runners: dict[str, _Runner] = {}
         for i, (name, model) in enumerate(models.items()):
             path = _as_file(model, Path(tmp) / f"m{i}.onnx")
-            if backend == "onnxruntime":
-                runners[name] = _OrtRunner(path, feed, device)
-            else:
-                runners[name] = _TensorRTRunner(path, feed, fp16)
+            runners[name] = _runner(backend, tool, path, feed, device, fp16, Path(tmp) / f"m{i}")
             if progress:
                 progress(f"latency: {name} ready on {runners[name].device}")
         samples: dict[str, list[float]] = {name: [] for name in runners}
@@ -146,7 +159,7 @@ def measure(
             for name, runner in runners.items():
                 if r == 0:
                     _first_run(name, runner, batch, warmup)
-                samples[name] += [runner.run() for _ in range(per_round)]
+                samples[name] += runner.run_many(per_round)
             done = r + 1
             if time.perf_counter() - start > max_seconds:
                 break
@@ -172,11 +185,21 @@ def measure(
     return report
 
 
+def _runner(backend: str, tool: Trtexec | None, path: Path, feed: Mapping[str, np.ndarray],
+            device: str, fp16: bool, stem: Path) -> _Runner:
+    """The model at ``path`` ready to run on ``backend`` (temporary files start with ``stem``)."""
+    if backend == "onnxruntime":
+        return _OrtRunner(path, feed, device)
+    source = tensorrt_source(path, feed, fp16, stem.with_suffix(".fp16.onnx"))
+    if tool is not None:
+        return _TrtexecRunner(tool, source, feed, stem)
+    return _TensorRTRunner(source, feed, stem.with_suffix(".plan"), fp16)
+
+
 def _first_run(name: str, runner: _Runner, batch: int, warmup: int) -> None:
     """The warm-up runs; a model that cannot run on the feed is the user's error, in one line."""
     try:
-        for _ in range(max(warmup, 1)):
-            runner.run()
+        runner.warm(warmup)
     except IdapError:
         raise
     except Exception as exc:  # ONNX Runtime / TensorRT raise their own types
@@ -185,6 +208,22 @@ def _first_run(name: str, runner: _Runner, batch: int, warmup: int) -> None:
             f"latency: {name} does not run on the {batch}-sample feed ({first}); "
             "a model with a fixed batch size needs --latency-batch equal to it"
         ) from exc
+
+
+def tensorrt_source(
+    path: Path, feed: Mapping[str, np.ndarray], fp16: bool, fp16_path: Path
+) -> Path:
+    """The file a TensorRT backend builds or loads: ``path`` itself (fp32, a converted fp16
+    or QDQ ONNX, or a ``.plan`` engine, timed as built), or with ``fp16`` an ONNX file the
+    fp16 conversion of ``path`` (``to_fp16`` with the feed as calibration batch) written to
+    ``fp16_path``; TensorRT then builds the strongly typed network in that precision."""
+    if not fp16 or is_engine(path):
+        return path
+    from idap_onnx.deploy.fp16 import to_fp16
+    from idap_onnx.model_io import load_model, write_variant
+
+    converted = to_fp16(load_model(path), [feed]).model
+    return write_variant(converted, fp16_path, nodes=converted.graph.node)
 
 
 def _as_file(model: onnx.ModelProto | str | os.PathLike, path: Path) -> Path:
@@ -205,6 +244,15 @@ class _Runner(abc.ABC):
     @abc.abstractmethod
     def run(self) -> float:
         """One inference; its time in milliseconds."""
+
+    def run_many(self, n: int) -> list[float]:
+        """``n`` inferences; their times in milliseconds."""
+        return [self.run() for _ in range(n)]
+
+    def warm(self, n: int) -> None:
+        """Untimed inferences before the first turn (at least one: it proves the model runs)."""
+        for _ in range(max(n, 1)):
+            self.run()
 
     def close(self) -> None:  # noqa: B027 (optional: most backends hold nothing to release)
         """Release device buffers; nothing by default."""
@@ -233,38 +281,31 @@ class _OrtRunner(_Runner):
 
 
 class _TensorRTRunner(_Runner):
-    """An engine built from the ONNX file (TensorRT 10 Python API: named I/O tensors,
-    ``build_serialized_network``, ``execute_async_v3``)."""
+    """An engine (``.plan``, or built from the ONNX file by ``build_engine`` into
+    ``plan_path`` with a profile fixed to the feed) run with ``execute_async_v3``."""
 
-    def __init__(self, path: Path, feed: Mapping[str, np.ndarray], fp16: bool) -> None:
-        trt, torch = _tensorrt_modules()
-        logger = trt.Logger(trt.Logger.WARNING)
-        builder = trt.Builder(logger)
-        network = builder.create_network(0)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(path)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise IdapError(f"TensorRT cannot parse {path.name}: {errors}")
-        config = builder.create_builder_config()
-        if fp16:
-            config.set_flag(trt.BuilderFlag.FP16)
-        profile = builder.create_optimization_profile()
-        for i in range(network.num_inputs):
-            tensor = network.get_input(i)
-            if tensor.name not in feed:
-                raise IdapError(f"latency: the feed lacks input {tensor.name}")
-            shape = tuple(int(d) for d in feed[tensor.name].shape)
-            profile.set_shape(tensor.name, shape, shape, shape)
-        config.add_optimization_profile(profile)
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise IdapError(f"TensorRT could not build an engine for {path.name}")
-        self.runtime = trt.Runtime(logger)
-        self.engine = self.runtime.deserialize_cuda_engine(serialized)
+    def __init__(
+        self, path: Path, feed: Mapping[str, np.ndarray], plan_path: Path, fp16: bool
+    ) -> None:
+        from idap_onnx.deploy.tensorrt import (
+            ShapeProfile,
+            build_engine,
+            dynamic_inputs,
+            load_engine,
+        )
+
+        trt, torch = tensorrt_modules()
+        if not is_engine(path):
+            profile = ShapeProfile.of_feed(feed, dynamic_inputs(path))
+            path = build_engine(path, plan_path, profile=profile)
+        self.runtime, self.engine = load_engine(trt, path)
         self.context = self.engine.create_execution_context()
         self.torch = torch
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        missing = sorted(set(inputs) - set(feed))
+        if missing:
+            raise IdapError(f"latency: the feed lacks input(s) {', '.join(missing)}")
         self.buffers = []
         for name in inputs:  # every input shape first: output shapes depend on them
             host = feed[name].astype(trt.nptype(self.engine.get_tensor_dtype(name)))
@@ -279,7 +320,8 @@ class _TensorRTRunner(_Runner):
             self.buffers.append(torch.empty(shape, dtype=dtype.dtype, device="cuda"))
             self.context.set_tensor_address(name, self.buffers[-1].data_ptr())
         self.stream = torch.cuda.Stream()
-        self.device = f"tensorrt {torch.cuda.get_device_name()}" + (" fp16" if fp16 else "")
+        self.device = f"tensorrt {trt.__version__} {torch.cuda.get_device_name()}" + (
+            " (fp16 ONNX)" if fp16 else "")
 
     def run(self) -> float:
         start = self.torch.cuda.Event(enable_timing=True)
@@ -295,27 +337,51 @@ class _TensorRTRunner(_Runner):
         self.buffers.clear()
 
 
-def _tensorrt_modules():
-    """``tensorrt`` and ``torch`` with CUDA, or :class:`LatencyUnavailable` saying which is
-    missing."""
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise LatencyUnavailable(
-            "the TensorRT backend needs the 'tensorrt' Python package, which is not "
-            "installed here; use --latency onnxruntime"
-        ) from exc
-    import torch
+class _TrtexecRunner(_Runner):
+    """An engine built once by ``trtexec`` (or a ``.plan`` as it is), timed by one trtexec run
+    a round (``deploy.trtexec``)."""
 
-    if not torch.cuda.is_available():
-        raise LatencyUnavailable("the TensorRT backend needs a CUDA GPU; torch sees none here")
-    return trt, torch
+    def __init__(self, tool: Trtexec, path: Path, feed: Mapping[str, np.ndarray],
+                 stem: Path) -> None:
+        from idap_onnx.deploy import trtexec
+        from idap_onnx.deploy.tensorrt import ShapeProfile, dynamic_inputs
+
+        self.tool, self.times = tool, stem.with_suffix(".times.json")
+        self.shapes = ShapeProfile.of_feed(feed)  # at run time static shapes may be given
+        self.plan = path if is_engine(path) else trtexec.build(
+            tool, path, stem.with_suffix(".plan"), ShapeProfile.of_feed(feed, dynamic_inputs(path)))
+        self.device = f"trtexec (TensorRT {'.'.join(map(str, tool.version))})"
+
+    def run_many(self, n: int) -> list[float]:
+        from idap_onnx.deploy.trtexec import time_engine
+
+        return time_engine(self.tool, self.plan, self.times, self.shapes, iterations=n)
+
+    def run(self) -> float:
+        return self.run_many(1)[0]
+
+    def warm(self, n: int) -> None:
+        """One short trtexec run (each run warms up itself): it proves the engine runs."""
+        self.run_many(1)
+
+
+def backend_available(backend: str) -> tuple[bool, str]:
+    """(True, "") when ``backend`` can run here, else (False, the reason): TensorRT and CUDA
+    for ``tensorrt``, a TensorRT 10+ ``trtexec`` on the PATH for ``trtexec``."""
+    try:
+        if backend == "tensorrt":
+            tensorrt_modules()
+        elif backend == "trtexec":
+            require_trtexec()
+    except LatencyUnavailable as exc:
+        return False, str(exc)
+    return True, ""
 
 
 def tensorrt_available() -> tuple[bool, str]:
     """(True, "") when the TensorRT backend can run here, else (False, the reason)."""
     try:
-        _tensorrt_modules()
+        tensorrt_modules()
     except LatencyUnavailable as exc:
         return False, str(exc)
     return True, ""
