@@ -6,7 +6,10 @@ Unit scores (lower = removed first), per group, summed over the group's members:
 
       e_kc   = ||W_k[:, c]||^2 * (var_c + mu_c^2) * P_k      (var_c alone with mean
                                                               compensation)
-      D_f(u) = sqrt( sum_k sum_{c in u} e_kc / E||T_k||^2 )
+      E_u    = sum_k sum_{c in u} e_kc / E||T_k||^2
+      kappa_k = E||Y_k - r_k||^2 / sum_c e_kc                 (coherence of consumer k)
+      kappa_g = max(1, sum_u sum_k kappa_k e_ku / sum_u E_u)   (of the group, E-weighted)
+      D_f(u) = sqrt( E_u * (1 + 2 (kappa_g - 1) rank_g(u) / N_g) )
 
   over every consumer k of the group (``W_k[:, c]`` flattened over the kernel, ``P_k`` the output
   positions of k per sample, ``T_k`` the next flow tensor: k's output ``Y_k``, or, when k ends a
@@ -17,6 +20,23 @@ Unit scores (lower = removed first), per group, summed over the group's members:
   changes when one consumer is rescaled, while normalizing per consumer keeps the paper's scale
   invariance for every group (a deliberate choice, tested). Comparable across layers and
   additive over a head's channels.
+
+  ``kappa`` (coherence; not in METHOD.md, issue 19) corrects the one assumption of ``e_kc``
+  that fails across layers: that the channels' contributions to ``Y_k`` are uncorrelated, so
+  that removing a set changes ``Y_k`` by the sum of its ``e_kc``. ``E||Y_k - r_k||^2`` is what
+  removing *every* input channel of k changes its output by, measured from ``Y_k``'s
+  per-channel moments (``r_k``: the per-channel mean that compensation restores, or the bias
+  without it); ``sum_c e_kc`` is the additive estimate of the same. Channels that add up
+  coherently (the pooled features before the SE/depthwise CNN's classifier: ``kappa`` 34;
+  convolutions 1 to 3) carry more together than one at a time, and a global ranking of the
+  additive score strips such a layer to a few channels. Removing the lowest fraction ``f`` of
+  a group then costs about ``sum E_u (1 + (kappa_g - 1) f)``: additive for the first units,
+  ``kappa_g`` times it for the whole group. ``D_f^2`` is that cost's increment per unit
+  (``_marginal``), so the order within a group is unchanged and a layer gets dearer as it
+  is cut. ``kappa_g`` is at least 1 (the additive score where channels are independent, or
+  where ``Y_k`` was not probed). Scaling every unit by ``kappa_k`` instead (measured in
+  BENCHMARKS as ``idap-linear``) saves the SE CNN too but costs up to 1.8 cosine points on
+  MiniLM.
 
   A k x k Conv consumer whose border outputs read zero padding (static image size) counts
   ``||W_k[:, c]||^2 P_k`` over the taps that read the image, and, with mean compensation, adds
@@ -57,8 +77,10 @@ def unit_scores(
     *,
     mean_compensation: bool = True,
     seed: int = 0,
+    coherence: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Group id -> one score per unit (module docstring)."""
+    """Group id -> one score per unit (module docstring); ``coherence=False`` drops
+    ``kappa_k`` from ``idap`` (the additive form, for ablations)."""
     if kind in ("l1", "l2", "random"):
         return weight_scores(graph, kind, seed)
     if kind not in UNIT_SCORES:
@@ -66,7 +88,7 @@ def unit_scores(
     if stats is None:
         raise UsageError(f"score '{kind}' needs calibration data (--calib)")
     if kind == "idap":
-        return _idap(graph, stats, mean_compensation)
+        return _idap(graph, stats, mean_compensation, coherence)
     return _producer_scores(graph, stats, kind)
 
 
@@ -89,9 +111,52 @@ def _accumulate(graph: DependencyGraph, tensor: str, values: np.ndarray, totals)
         np.add.at(totals[gi], unit[sel], values[sel])
 
 
-def _idap(graph: DependencyGraph, stats: CalibStats, mean_compensation: bool):
-    energy = [np.zeros(g.size) for g in graph.groups]
+def _idap(graph: DependencyGraph, stats: CalibStats, mean_compensation: bool,
+          coherence: bool = True):
+    energy = [np.zeros(g.size) for g in graph.groups]  # sum_k e_kc / E||T_k||^2 per unit
+    weighted = [np.zeros(g.size) for g in graph.groups]  # the same with kappa_k
+    terms = _consumer_terms(graph, stats, mean_compensation)
+    kappas = _kappas(graph, stats, terms, mean_compensation) if coherence else {}
+    for node, x, e, out_energy in terms:
+        _accumulate(graph, x, e / out_energy, energy)
+        _accumulate(graph, x, kappas.get(node.name, 1.0) * e / out_energy, weighted)
+    scores = []
+    for e, ke in zip(energy, weighted, strict=True):
+        total = float(e.sum())
+        kappa = max(float(ke.sum()) / total, 1.0) if total > 0 else 1.0
+        scores.append(np.sqrt(e * _marginal(e, kappa)))
+    return _unmeasured_frozen(graph, scores)
+
+
+def _marginal(e: np.ndarray, kappa: float) -> np.ndarray:
+    """Per unit, ``1 + 2 (kappa - 1) r / N``: ``r`` its rank in its group (lowest ``e``
+    first, 0-based), ``N`` the group's size. Removing the lowest fraction ``f`` of a group whose
+    channels add up with coherence ``kappa`` changes the flow by about
+    ``sum e (1 + (kappa - 1) f)``; this is that sum's increment per unit, so the first units
+    cost their ``e`` and the last ``2 kappa - 1`` times it."""
+    rank = np.empty(len(e))
+    rank[np.argsort(e, kind="stable")] = np.arange(len(e))
+    return 1.0 + 2.0 * (kappa - 1.0) * rank / max(len(e), 1)
+
+
+def coherence(
+    graph: DependencyGraph, stats: CalibStats, *, mean_compensation: bool = True
+) -> dict[str, tuple[float, float]]:
+    """Consumer name -> ``(kappa_k, sum_c e_kc / E||T_k||^2)``: its coherence and the additive
+    estimate of removing all its inputs, relative to its flow tensor (module docstring)."""
+    terms = _consumer_terms(graph, stats, mean_compensation)
+    kappas = _kappas(graph, stats, terms, mean_compensation)
+    additive: dict[str, float] = {}
+    for node, _x, e, out_energy in terms:
+        additive[node.name] = additive.get(node.name, 0.0) + float(e.sum()) / out_energy
+    return {name: (kappas[name], additive[name]) for name in kappas}
+
+
+def _consumer_terms(graph: DependencyGraph, stats: CalibStats, mean_compensation: bool):
+    """``(consumer node, its input, e_kc per input element, E||T_k||^2 per sample)`` for
+    every weighted consumer whose input and flow tensor were measured."""
     n = max(stats.samples, 1)
+    terms = []
     for edit, node in _weighted_edits(graph, "consumer"):
         x = edit.tensor
         if x not in stats.channel_sumsq:
@@ -110,8 +175,51 @@ def _idap(graph: DependencyGraph, stats: CalibStats, mean_compensation: bool):
             w2 = (col**2).sum(axis=1)  # ||W_k[:, c]||^2 per input element
             positions = _positions(graph.index.shape(y) or (), _out_channels(node, w))
             e = w2 * m2 * positions
-        _accumulate(graph, x, e / out_energy, energy)
-    return _unmeasured_frozen(graph, [np.sqrt(e) for e in energy])
+        terms.append((node, x, e, out_energy))
+    return terms
+
+
+def _kappas(graph, stats, terms, mean_compensation: bool) -> dict[str, float]:
+    """Consumer name -> kappa_k from its terms (all of its inputs' e_kc summed)."""
+    additive: dict[str, float] = {}
+    nodes = {}
+    for node, _x, e, _ in terms:
+        additive[node.name] = additive.get(node.name, 0.0) + float(e.sum())
+        nodes[node.name] = node
+    return {name: _coherence(graph, stats, nodes[name], additive[name], mean_compensation)
+            for name in additive}
+
+
+def _coherence(
+    graph: DependencyGraph, stats: CalibStats, node, additive: float, mean_compensation: bool
+) -> float:
+    """``kappa_k = E||Y_k - r_k||^2 / sum_c e_kc``: what removing every input channel of
+    consumer k changes its output by, measured, over the additive estimate (1 when the channels'
+    contributions are uncorrelated). ``r_k`` is what stays: the per-channel mean of ``Y_k``
+    with mean compensation, the bias without. 1 where ``Y_k``'s moments were not probed."""
+    y = node.output[0]
+    if y not in stats.channel_sum or additive <= 0:
+        return 1.0
+    s, q = stats.channel_sum[y], stats.channel_sumsq[y]
+    count = max(stats.channel_count[y], 1.0)  # positions per channel, all samples
+    if mean_compensation:
+        joint = q - s**2 / count
+    else:
+        bias = _bias(graph, node, len(s))
+        joint = q - 2 * bias * s + count * bias**2
+    joint_per_sample = float(np.maximum(joint, 0.0).sum()) / max(stats.samples, 1)
+    return joint_per_sample / additive if joint_per_sample > 0 else 1.0
+
+
+def _bias(graph: DependencyGraph, node, channels: int) -> np.ndarray:
+    """The consumer's own bias per output channel (Conv/ConvTranspose input 2, Gemm's C
+    times beta); zeros for MatMul or where it is not a constant of that length."""
+    slot = 2 if node.op_type in ("Conv", "ConvTranspose", "Gemm") else None
+    b = graph.index.constant(node.input[slot]) if slot and len(node.input) > slot else None
+    if b is None or b.size != channels:
+        return np.zeros(channels)
+    beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
+    return b.astype(np.float64).reshape(-1) * (beta if node.op_type == "Gemm" else 1.0)
 
 
 def _padded_conv_energy(

@@ -127,7 +127,8 @@ def plan_probes(
     """The tensors to measure: always every weighted consumer's input (its channel means are
     what mean compensation folds into biases), plus what each requested unit score reads:
     ``idap`` the energies of the flow tensors the consumers' outputs join (``flow``: the
-    residual block's output for the last weighted node of a branch, else the output itself),
+    residual block's output for the last weighted node of a branch, else the output itself)
+    and the per-channel moments of each consumer's output (its coherence, ``calib.scores``),
     ``paper`` the producers' ReLU norms, ``wanda`` the producers' input channels; and every
     block's input and output. Probing only what the chosen score needs keeps the calibration
     pass close to plain inference."""
@@ -155,6 +156,11 @@ def plan_probes(
             y = plan.flow.get(node.output[0], node.output[0])
             if "idap" in scores and index.shape(y) is not None:
                 plan.energies[y] = tuple(index.shape(y))
+            out = node.output[0]  # its per-channel moments give the consumer's coherence
+            out_shape = index.shape(out)
+            if "idap" in scores and out_shape and out not in plan.channels:
+                axis = 1 if node.op_type in ("Conv", "ConvTranspose") else len(out_shape) - 1
+                plan.channels[out] = ChannelProbe(out, axis, tuple(out_shape))
             continue
         if "paper" in scores:
             plan.relu_norms[edit.tensor] = ChannelProbe(edit.tensor, lay.axis, tuple(shape))

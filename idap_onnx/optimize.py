@@ -60,6 +60,7 @@ class OptimizeConfig:
     metric: str = "auto"
     score: str = "idap"
     mean_compensation: bool = True
+    coherence: bool = True  # idap's kappa_k (calib.scores); False: the additive score
     refit: bool = True
     p0: float = 0.05
     alpha: float = 1.5
@@ -362,7 +363,8 @@ def _stage1(
         )
         result.provider = stats.provider
         scores = unit_scores(
-            graph, stats, config.score, mean_compensation=config.mean_compensation, seed=config.seed
+            graph, stats, config.score, mean_compensation=config.mean_compensation,
+            seed=config.seed, coherence=config.coherence,
         )
         fraction = config.p0 * (1 + t / steps) ** config.alpha
         accepted = False

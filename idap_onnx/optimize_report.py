@@ -68,17 +68,31 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
             lines.append(f"| `{name}` | {d:.4f} | {outcome} |")
     lines += _latency_lines(report.get("latency"), report["settings"].get("round_to", 1))
     lines += _export_lines(report.get("export"), report.get("latency"), report["metric"])
+    lines += ["", "## Kept output channels per layer", ""]
+    stripped = [n for n, k in report["kept"].items() if _stripped(k)]
+    if stripped:
+        lines += [
+            f"**{len(stripped)} layer(s) cut below {100 * STRIPPED:.0f} % of their width** (marked "
+            "below): a stripped stage or bottleneck. If the accuracy suffers, keep them with "
+            "`--ignore NODE` or lower `--max-group-ratio`.",
+            "",
+        ]
+    lines += ["| node | before | after |", "|---|---|---|"]
     lines += [
-        "",
-        "## Kept output channels per layer",
-        "",
-        "| node | before | after |",
-        "|---|---|---|",
+        f"| `{n}` | {k['before']} | {k['after']}{' (stripped)' if _stripped(k) else ''} |"
+        for n, k in report["kept"].items()
     ]
-    lines += [f"| `{n}` | {k['before']} | {k['after']} |" for n, k in report["kept"].items()]
     for kind, name in plots.items():
         lines += ["", f"![{kind}]({name})"]
     return "\n".join(lines) + "\n"
+
+
+#: A layer kept below this fraction of its output channels is flagged in the report.
+STRIPPED = 0.25
+
+
+def _stripped(kept: dict) -> bool:
+    return kept["after"] < STRIPPED * kept["before"]
 
 
 def _recovery_line(report: dict) -> str:

@@ -216,7 +216,9 @@ def test_probing_only_what_idap_reads_gives_the_same_scores(tiny):
 
 def test_a_branch_unit_is_measured_against_the_block_output(tiny):
     """Units of conv ``a`` feed ``b``, the last conv of the residual branch: the next flow
-    tensor is the block output y = h + b(...), so D_f(c) = sqrt(e_c / E||y||^2)."""
+    tensor is the block output y = h + b(...), so E_c = e_c / E||y||^2, and
+    D_f(c) = sqrt(E_c (1 + 2 (kappa - 1) rank(c) / 6)) with b's coherence
+    kappa = max(1, E||Y_b - mean_c(Y_b)||^2 / sum_c e_c) from its output Y_b."""
     graph, _, stats = _measure(tiny)
     blocks = find_blocks(graph.model, graph.index)
     (block,) = [b for b in blocks if b.kind == "residual"]
@@ -224,13 +226,19 @@ def test_a_branch_unit_is_measured_against_the_block_output(tiny):
     assert residual_flows(graph.index, blocks) == {b_conv.output[0]: block.output}
 
     x_b = b_conv.input[0]
-    full = [pull(tiny, [x_b, block.output], feed) for feed in _batches()]
+    y_b = b_conv.output[0]
+    full = [pull(tiny, [x_b, y_b, block.output], feed) for feed in _batches()]
     acts = np.concatenate([f[x_b] for f in full]).astype(np.float64)  # [N, 6, H, W]
     y = np.concatenate([f[block.output] for f in full]).astype(np.float64)
+    out = np.concatenate([f[y_b] for f in full]).astype(np.float64)  # [N, 8, H, W]
     w = graph.index.constant(b_conv.input[1]).astype(np.float64)  # [8, 6, 1, 1]
     positions = y.shape[2] * y.shape[3]
     var = acts.transpose(1, 0, 2, 3).reshape(6, -1).var(axis=1)
-    want = np.sqrt((w**2).sum(axis=(0, 2, 3)) * var * positions / (y**2).sum(axis=(1, 2, 3)).mean())
+    e = (w**2).sum(axis=(0, 2, 3)) * var * positions
+    centered = out - out.mean(axis=(0, 2, 3), keepdims=True)
+    kappa = max((centered**2).sum() / len(out) / e.sum(), 1.0)
+    rank = np.argsort(np.argsort(e, kind="stable"), kind="stable")
+    want = np.sqrt(e / (y**2).sum(axis=(1, 2, 3)).mean() * (1 + 2 * (kappa - 1) * rank / 6))
 
     gid = next(g.id for g in graph.groups if any(p.endswith("a/Conv") for p in g.producers))
     np.testing.assert_allclose(unit_scores(graph, stats, "idap")[gid], want, rtol=1e-5)
@@ -252,3 +260,49 @@ def test_layer_divergence_equals_numpy_on_full_activations(tiny):
         diff = sum(norms(f[block.output].astype(np.float64) - f[block.input]) for f in full)
         out = sum(norms(f[block.output].astype(np.float64)) for f in full)
         assert d_l[name] == pytest.approx(diff / out, rel=1e-6)
+
+
+def _two_matmuls(w1: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:
+    """``y = (x @ w1) @ w2``: the hidden units of ``w1`` are one group, read by ``w2``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="down")],
+        "two_matmuls",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", w1.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", w2.shape[1]])],
+        [numpy_helper.from_array(w1.astype(np.float32), "w1"),
+         numpy_helper.from_array(w2.astype(np.float32), "w2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("coherent", [True, False])
+def test_channels_that_add_up_coherently_score_by_what_they_carry_together(coherent):
+    """Eight hidden channels read by one MatMul. When they are copies of one signal, removing
+    all of them changes ``y`` by 8^2 = 64 times one channel's energy, not 8 times: the
+    consumer's coherence is kappa = 8, and each unit's D_f^2 is its additive energy times its
+    marginal factor ``1 + 2 (kappa - 1) r / 8`` (r: its rank in the group), so a global
+    ranking pays more for each further unit of the layer. Independent channels have kappa ~ 1
+    and keep the additive score."""
+    from idap_onnx.calib.scores import coherence
+
+    rng = np.random.default_rng(0)
+    w1 = np.ones((1, 8)) if coherent else np.eye(8)
+    model = _two_matmuls(w1, np.ones((8, 4)))
+    feeds = [{"x": rng.standard_normal((512, w1.shape[0])).astype(np.float32)} for _ in range(4)]
+    graph = analyze_model(model, {"x": [1, w1.shape[0]]})
+    stats = collect(model, plan_probes(graph, scores=("idap",)), feeds)
+    (group,) = [g for g in graph.groups if not g.frozen]
+    (kappa, _additive), = coherence(graph, stats).values()
+    with_kappa = unit_scores(graph, stats, "idap")[group.id]
+    additive = unit_scores(graph, stats, "idap", coherence=False)[group.id]
+    if coherent:
+        assert kappa == pytest.approx(8.0, rel=1e-4)
+        rank = np.argsort(np.argsort(additive, kind="stable"), kind="stable")
+        np.testing.assert_allclose(with_kappa**2, additive**2 * (1 + 2 * 7 * rank / 8),
+                                   rtol=1e-4)
+    else:
+        assert kappa == pytest.approx(1.0, abs=0.1)
+        np.testing.assert_allclose(with_kappa, additive, rtol=0.1)

@@ -49,8 +49,10 @@ def pruned(digits):
     x = digits.train[0]
     calib = [{"x": x[i : i + 64]} for i in range(0, 512, 64)]
     ev = Evaluator(model, [{"x": digits.val[0]}], metric="rel-l2")
+    # the refit alone would recover most of it; the additive score (no coherence) damages
+    # more at this size, as these tests were written for
     cfg = OptimizeConfig(target_flops=0.2, max_error=1e9, metric="rel-l2", stages=(1,),
-                         refit=False)  # the refit alone would recover most of it
+                         refit=False, coherence=False)
     result = optimize(model, calib, ev, cfg)
     assert result.final["macs"] <= 0.21 * result.original["macs"]
     return model, result.model

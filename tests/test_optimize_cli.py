@@ -230,3 +230,29 @@ def test_latency_on_tensorrt_without_it_fails_before_the_run(digits_dir, tmp_pat
     assert err[-1].startswith("idap-onnx: error:") and "tensorrt" in err[-1]
     assert "stage 1" not in captured.err  # nothing was optimized first
     assert not out.exists()
+
+
+def test_the_report_flags_layers_cut_below_a_quarter_of_their_width(digits_dir, tmp_path):
+    """80 % of the MACs taken without the refit cuts the CNN's narrowest conv below 25 % of
+    its width: report.md says so above the kept-width table and marks that row; the settings
+    record the coherence factor (on by default, off with --no-coherence)."""
+    from idap_onnx.optimize_report import STRIPPED
+
+    def run(*extra):
+        argv = [*_base(digits_dir), "--stages", "1", "--no-refit", "--max-drop", "100",
+                "--target-flops", "0.2", "--latency", "off", *extra,
+                "-o", str(tmp_path / "d.onnx"), "--json", str(tmp_path / "r.json")]
+        assert main(argv) == 0
+        return (json.loads((tmp_path / "r.json").read_text()),
+                (tmp_path / "d.report.md").read_text())
+
+    report, md = run()
+    assert report["settings"]["coherence"] is True
+    stripped = [n for n, k in report["kept"].items() if k["after"] < STRIPPED * k["before"]]
+    assert stripped
+    assert f"**{len(stripped)} layer(s) cut below 25 % of their width**" in md
+    for name in stripped:
+        assert f"| `{name}` | {report['kept'][name]['before']} | " in md
+    assert md.count("(stripped) |") == len(stripped)
+    report, _ = run("--no-coherence")
+    assert report["settings"]["coherence"] is False

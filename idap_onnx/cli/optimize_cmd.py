@@ -19,7 +19,7 @@ from idap_onnx.cli import args as shared
 _KEYS = (
     "labels", "val_fraction", "batch_size", "seed", "num_random", "tokenizer",
     "seq_len", "target_flops", "target_params", "max_drop", "max_error", "metric", "score",
-    "mean_compensation", "refit", "p0", "alpha", "steps", "round_to",
+    "mean_compensation", "coherence", "refit", "p0", "alpha", "steps", "round_to",
     "max_group_ratio", "ignore", "retries", "stages", "max_blocks", "device", "report_dir",
     "dry_run", "output",
     "input_shape", "finetune", "finetune_epochs", "latency", "latency_batch", "latency_fp16",
@@ -105,6 +105,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         default=True,
         help="do not fold removed channels' means into consumer biases",
+    )
+    plan.add_argument(
+        "--no-coherence",
+        dest="coherence",
+        action="store_false",
+        default=True,
+        help="idap without each consumer's coherence factor kappa (the measured damage of "
+        "removing all its inputs over the sum of the per-channel estimates): the additive "
+        "score, which lets a global ranking strip layers whose channels add up coherently; "
+        "for ablations",
     )
     plan.add_argument(
         "--refit",
@@ -276,6 +286,7 @@ def _config(args: argparse.Namespace):
         metric=args.metric,
         score=args.score,
         mean_compensation=args.mean_compensation,
+        coherence=args.coherence,
         refit=args.refit,
         p0=args.p0,
         alpha=args.alpha,
