@@ -261,16 +261,29 @@ class _ArrayDataset:
 
 
 class _RandomDataset:
-    """Synthetic samples, each drawn from its own ``(seed, index)`` stream."""
+    """Synthetic samples, each drawn from its own ``(seed, index)`` stream.
 
-    def __init__(self, specs: list[InputSpec], n: int, seed: int, seq_len: int):
+    Floats ~ N(0, 1); booleans and ``*mask*`` inputs ones; ``token_type``/``segment`` inputs
+    zeros; other integers uniform below ``min(100, rows)``, where ``rows`` is the row count of
+    the smallest embedding table an input indexes (``token_bounds``).
+    """
+
+    def __init__(
+        self,
+        specs: list[InputSpec],
+        n: int,
+        seed: int,
+        seq_len: int,
+        *,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+        bounds: Mapping[str, int] | None = None,
+    ):
         self._specs = specs
         self._n = n
         self._seed = seed
-        self._shapes = {
-            s.name: tuple(d if isinstance(d, int) else seq_len for d in s.sample_shape)
-            for s in specs
-        }
+        self._shapes = dict(shapes or random_shapes(specs, seq_len))
+        self._bounds = {s.name: min(RANDOM_INT_BOUND, (bounds or {}).get(s.name, RANDOM_INT_BOUND))
+                        for s in specs}
         self.description = f"random ({n} samples, seed {seed}) (SYNTHETIC)"
         self.synthetic = True
 
@@ -288,11 +301,109 @@ class _RandomDataset:
             elif "token_type" in name or "segment" in name:
                 value = np.zeros(shape)
             elif spec.dtype.kind in "iu":
-                value = rng.integers(0, 100, size=shape)
+                value = rng.integers(0, self._bounds[spec.name], size=shape)
             else:
                 value = rng.standard_normal(shape)
             sample[spec.name] = np.ascontiguousarray(value, dtype=spec.dtype)
         return sample
+
+
+#: Integer inputs of random data are drawn below this (or below the embedding's row count).
+RANDOM_INT_BOUND = 100
+# ops an index tensor may pass through on its way to an embedding Gather
+_INDEX_PASSTHROUGH = ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten")
+
+
+def random_shapes(
+    specs: Sequence[InputSpec],
+    seq_len: int,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """The per-sample shape random data gives each input: ``input_shapes[name][1:]`` where
+    given, else the declared dims with every symbolic or unknown dim as ``seq_len``.
+
+    Raises:
+        DataError: A given shape contradicts the declared one, or a declared dim cannot be
+            chosen (zero or negative); the message names the input and ``--input-shape``.
+    """
+    given = dict(input_shapes or {})
+    unknown = sorted(set(given) - {s.name for s in specs})
+    if unknown:
+        raise DataError(
+            f"--input-shape names {unknown}, which are not model inputs; the model's inputs "
+            f"are {[s.name for s in specs]}"
+        )
+    shapes = {}
+    for spec in specs:
+        flag = f"--input-shape {spec.name}:{'x'.join(['N'] * max(len(spec.shape), 1))}"
+        if not spec.shape:
+            raise DataError(
+                f"model input {spec.name!r} is a scalar (no batch axis), so samples cannot be "
+                "generated for it; give real data with --calib DATA"
+            )
+        if spec.name in given:
+            dims = tuple(int(d) for d in given[spec.name])
+            declared = spec.shape
+            if len(dims) != len(declared) or any(
+                isinstance(w, int) and w > 0 and g != w
+                for g, w in zip(dims[1:], declared[1:], strict=False)
+            ):
+                raise DataError(
+                    f"--input-shape {spec.name}:{'x'.join(map(str, dims))} does not fit the "
+                    f"declared shape {_fmt_shape(declared)}; give {flag} with the static dims"
+                )
+            shapes[spec.name] = dims[1:]
+            continue
+        dims = []
+        for d in spec.sample_shape:
+            if isinstance(d, int) and d <= 0:
+                raise DataError(
+                    f"model input {spec.name!r} declares dim {d} in {_fmt_shape(spec.shape)}, "
+                    f"which cannot be chosen for generated data; give its shape with {flag}"
+                )
+            dims.append(d if isinstance(d, int) else seq_len)
+        shapes[spec.name] = tuple(dims)
+    return shapes
+
+
+def check_generatable(specs: Sequence[InputSpec]) -> None:
+    """Raises DataError naming the input and ``--calib DATA`` when random data cannot be drawn
+    for one of ``specs`` (a dtype other than float, integer or boolean)."""
+    for spec in specs:
+        if not (_is_float(spec.dtype) or spec.dtype.kind in "iub"):
+            raise DataError(
+                f"model input {spec.name!r} has dtype {spec.dtype}, for which inputs cannot be "
+                "generated; give real data with --calib DATA"
+            )
+
+
+def token_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer graph inputs that index an embedding: input name -> the fewest rows of the
+    initializers a ``Gather`` reads with it (through Cast/Reshape/Unsqueeze-like ops)."""
+    rows = {t.name: int(t.dims[0]) for t in model.graph.initializer if len(t.dims) >= 1}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    bounds: dict[str, int] = {}
+    for value in model.graph.input:
+        if value.name in rows:
+            continue
+        todo, seen = [value.name], {value.name}
+        while todo:
+            tensor = todo.pop()
+            for node in consumers.get(tensor, []):
+                if node.op_type == "Gather" and node.input[1] == tensor:
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    if axis == 0 and node.input[0] in rows:
+                        n = rows[node.input[0]]
+                        bounds[value.name] = min(bounds.get(value.name, n), n)
+                elif node.op_type in _INDEX_PASSTHROUGH and node.input[0] == tensor:
+                    for out in node.output:
+                        if out not in seen:
+                            seen.add(out)
+                            todo.append(out)
+    return bounds
 
 
 class _ImageDataset:
@@ -491,6 +602,8 @@ def load_data(
     seq_len: int = 128,
     num_random: int = 64,
     seed: int = 0,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    warn_random: bool = True,
 ) -> Dataset:
     """Reads calibration data from ``source`` into a :class:`Dataset` checked against ``model``.
 
@@ -506,6 +619,10 @@ def load_data(
             also uses it for every symbolic non-batch dim.
         num_random: Number of samples of ``"random"``.
         seed: Seed of ``"random"``.
+        input_shapes: Full shapes (batch first) of some inputs for ``"random"``; the batch dim
+            is ignored (samples are stacked on it).
+        warn_random: Warn that ``"random"`` data is synthetic (off where the caller says so
+            in its own words).
 
     Raises:
         DataError: The data does not fit the model, or cannot be read.
@@ -519,8 +636,13 @@ def load_data(
     if isinstance(source, str) and source == "random":
         if num_random < 1:
             raise UsageError(f"num_random {num_random} must be >= 1")
-        warnings.warn(RANDOM_WARNING, UserWarning, stacklevel=2)
-        return _RandomDataset(specs, num_random, seed, seq_len)
+        check_generatable(specs)
+        shapes = random_shapes(specs, seq_len, input_shapes)
+        if warn_random:
+            warnings.warn(RANDOM_WARNING, UserWarning, stacklevel=2)
+        return _RandomDataset(
+            specs, num_random, seed, seq_len, shapes=shapes, bounds=token_bounds(model)
+        )
     if isinstance(source, Mapping):
         return _from_arrays([(dict(source), "in-memory arrays")], specs, "in-memory arrays")
     if isinstance(source, (str, os.PathLike)):

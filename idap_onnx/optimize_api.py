@@ -43,6 +43,10 @@ class DataOptions:
     tokenizer: str | None = None
     seq_len: int = 128
     num_random: int = 64
+    #: full shapes (batch first) of inputs for ``"random"`` data; other dims from ``seq_len``
+    input_shapes: Mapping[str, list[int]] | None = None
+    #: warn that ``"random"`` data is synthetic (the CLI's one-liner says it in its own words)
+    warn_random: bool = True
 
 
 @dataclass
@@ -85,6 +89,8 @@ def prepare(
         seq_len=data.seq_len,
         num_random=data.num_random,
         seed=seed,
+        input_shapes=data.input_shapes,
+        warn_random=data.warn_random,
     )
     if isinstance(labels, (str, os.PathLike)):
         labels = _read_labels(labels)

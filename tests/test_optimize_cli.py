@@ -163,7 +163,7 @@ def test_dry_run_reports_sensitivity_without_writing_a_model(digits_dir, tmp_pat
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ([], "needs -o OUT"),
+        (["-o", "{tmp}/missing/x.onnx"], "does not exist"),
         (["--max-drop", "1", "--max-error", "0.1", "-o", "{tmp}/x.onnx"], "not both"),
         (["--stages", "3", "-o", "{tmp}/x.onnx"], "stages"),
         (["--labels", "{tmp}/short.npy", "-o", "{tmp}/x.onnx"], "labels have 3 entries"),

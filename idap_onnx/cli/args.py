@@ -57,15 +57,29 @@ def add_output_args(parser: argparse.ArgumentParser, *, model_output: bool) -> N
 
 
 def add_calib_args(
-    parser: argparse.ArgumentParser, *, batch_size: int = 8, val_fraction: float = 0.0
+    parser: argparse.ArgumentParser,
+    *,
+    batch_size: int = 8,
+    val_fraction: float = 0.0,
+    calib_required: bool = True,
 ) -> None:
-    """``--calib DATA`` and the data flags of ``docs/DATA.md`` (``calib.data.load_data``)."""
+    """``--calib DATA`` and the data flags of ``docs/DATA.md`` (``calib.data.load_data``).
+
+    Without ``calib_required`` (``optimize``), a missing ``--calib`` leaves ``args.calib``
+    None: the command then calibrates on inputs generated from the model's input specs."""
     group = parser.add_argument_group("calibration data (docs/DATA.md)")
+    sources = (
+        "a .npz/.npy file or a folder of them (arrays keyed by input name, samples on "
+        "axis 0), a folder of images, a .txt of sentences (with --tokenizer), or 'random' "
+        "(synthetic, smoke tests only)"
+    )
     group.add_argument(
-        "--calib", metavar="DATA", required=True,
-        help="a .npz/.npy file or a folder of them (arrays keyed by input name, samples on "
-             "axis 0), a folder of images, a .txt of sentences (with --tokenizer), or 'random' "
-             "(synthetic, smoke tests only) (required)",
+        "--calib", metavar="DATA", required=calib_required, default=None,
+        help=f"{sources} (required)" if calib_required else (
+            f"{sources}. Default: inputs generated from the model's input specs (as 'random': "
+            "symbolic dims from --input-shape or --seq-len, token ids below the embedding's "
+            "row count, masks of ones), with one warning; pass real data for a real result"
+        ),
     )
     group.add_argument(
         "--val-fraction", metavar="F", type=float, default=val_fraction,
@@ -82,7 +96,8 @@ def add_calib_args(
     )
     group.add_argument(
         "--num-random", metavar="N", type=int, default=64,
-        help="number of samples of --calib random (default: 64)",
+        help="number of samples of generated inputs (--calib random, or optimize without "
+             "--calib) (default: 64)",
     )
     group.add_argument(
         "--tokenizer", metavar="DIR", default=None,
@@ -91,8 +106,9 @@ def add_calib_args(
     )
     group.add_argument(
         "--seq-len", metavar="N", type=int, default=128,
-        help="token sequence length for text and for symbolic dims of --calib random "
-             "(default: 128)",
+        help="token sequence length for text, and every symbolic non-batch dim of generated "
+             "inputs (--calib random, or optimize without --calib) unless --input-shape gives "
+             "it (default: 128)",
     )
     group.add_argument(
         "--image-size", metavar="N|HxW", type=_size, default=None,

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  idap-onnx prune model.onnx -o pruned.onnx --ratio 0.3\n"
         "  idap-onnx remove-blocks model.onnx -o out.onnx --blocks res:/layer1/layer1.1/Add\n"
         "  idap-onnx score model.onnx --calib calib.npz --json scores.json\n"
+        "  idap-onnx optimize model.onnx\n"
         "  idap-onnx optimize model.onnx --calib calib.npz -o small.onnx --max-error 0.05\n"
         "  idap-onnx latency model.onnx --compare small.onnx\n\n"
         "Run `idap-onnx COMMAND --help` for the flags of each command.",

@@ -35,17 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output",
         metavar="OUT",
         default=None,
-        help="where to write the optimized model (required unless --dry-run; "
-        "must differ from MODEL); written atomically, with "
-        "OUT.report.json, OUT.report.md and PNG plots beside it",
+        help="where to write the optimized model (must differ from MODEL); written "
+        "atomically, with OUT.report.json, OUT.report.md and PNG plots beside it. Default: "
+        "MODEL's name with .opt.onnx beside it (model.onnx -> model.opt.onnx), never over MODEL",
     )
-    shared.add_calib_args(parser, batch_size=8, val_fraction=0.2)
+    shared.add_calib_args(parser, batch_size=8, val_fraction=0.2, calib_required=False)
     data = parser.add_argument_group("labels and budget")
     data.add_argument(
         "--labels",
         metavar="FILE",
         default=None,
-        help="class index per sample (.npy/.npz/.txt), aligned with --calib; "
+        help="class index per sample (.npy/.npz/.txt), aligned with --calib (needs it); "
         "enables --max-drop with top-1 accuracy (default: none)",
     )
     data.add_argument(
@@ -321,29 +321,95 @@ def export_line(export: dict, metric: str) -> str:
     return line + (f"; {export['note']}" if export["note"] else "")
 
 
+def default_output(model: str) -> Path:
+    """``<stem>.opt.onnx`` beside ``model``; raises UsageError where that path is the model
+    itself (a link), since idap-onnx never overwrites its input."""
+    from idap_onnx.errors import UsageError
+
+    path = Path(model)
+    output = path.with_name(f"{path.stem}.opt.onnx")
+    if shared._same(output, path):
+        raise UsageError(
+            f"the default output '{output}' is the input model itself; idap-onnx never "
+            "overwrites its input: give another path with -o OUT"
+        )
+    return output
+
+
+def check_generated_inputs(model: str, data) -> None:
+    """Fail before the warning, in one line naming the input and the flag, where inputs
+    cannot be generated for ``model`` (reads the graph only, not its external data)."""
+    import onnx
+
+    from idap_onnx.calib.data import check_generatable, model_inputs, random_shapes
+
+    try:
+        graph_only = onnx.load(model, load_external_data=False)
+    except Exception:  # noqa: BLE001 - the run's own loader reports an unreadable model
+        return
+    specs = model_inputs(graph_only)
+    check_generatable(specs)
+    random_shapes(specs, data.seq_len, data.input_shapes)
+
+
+def generated_data_warning(args: argparse.Namespace, config) -> str:
+    """The one warning of a run without ``--calib``: both assumptions (generated inputs, a
+    budget on the output error) and how to pass real data."""
+    if config.max_drop is not None:
+        budget = f"a drop of at most {config.max_drop:g} in the {args.metric} metric"
+    else:
+        error = 0.05 if config.max_error is None else config.max_error
+        budget = (
+            f"the relative output error against the original, at most {error:g} "
+            "(--max-error)"
+        )
+    return (
+        "idap-onnx: warning: no --calib, so this run assumes two things: it calibrates on "
+        f"synthetic inputs generated from the model's input specs ({args.num_random} samples, "
+        f"symbolic dims {args.seq_len} unless --input-shape), and it judges the budget by "
+        f"{budget}, not by a task metric; pass real data with --calib DATA, and --labels FILE "
+        "--max-drop D to budget accuracy"
+    )
+
+
 def run(args: argparse.Namespace) -> None:
     from idap_onnx import optimize_api
     from idap_onnx.accounting import format_count
+    from idap_onnx.errors import UsageError
     from idap_onnx.optimize_report import slower_hint
 
     apply_config(args)
     config = _config(args)
     config.check()
+    generated = args.calib is None
+    if generated and args.labels is not None:
+        raise UsageError(
+            "--labels FILE needs --calib DATA: labels are aligned with real samples"
+        )
+    if not args.dry_run and not args.output:
+        args.output = str(default_output(args.model))
     shared.check_paths(args)
     data = optimize_api.DataOptions(
         image=shared.image_spec(args),
         tokenizer=args.tokenizer,
         seq_len=args.seq_len,
         num_random=args.num_random,
+        input_shapes=shared.input_shapes(args),
+        warn_random=not generated,
     )
+    calib = "random" if generated else args.calib
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    if generated:
+        check_generated_inputs(args.model, data)
+        say(generated_data_warning(args, config))
+
     if args.dry_run:
         prep = optimize_api.prepare(
             args.model,
-            args.calib,
+            calib,
             labels=args.labels,
             val_fraction=args.val_fraction,
             metric=config.metric,
@@ -363,13 +429,9 @@ def run(args: argparse.Namespace) -> None:
             + (f" written to {args.json}" if args.json else "")
         )
         return
-    if not args.output:
-        from idap_onnx.errors import UsageError
-
-        raise UsageError("optimize needs -o OUT (or --dry-run)")
     result = optimize_api.run_optimize(
         args.model,
-        args.calib,
+        calib,
         config,
         labels=args.labels,
         val_fraction=args.val_fraction,
