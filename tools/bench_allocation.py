@@ -45,18 +45,9 @@ VARIANTS = ("idap", "idap-additive", "l2", "paper", "wanda", "random")
 
 
 def run_one(task, target, variant, seed, refit, evaluators, log, p0: float) -> dict:
-    """One stage-1 run; ``idap-additive`` is ``idap`` with ``coherence=False``."""
-    import idap_onnx.optimize as optimize_module
-
-    score = "idap" if variant == "idap-additive" else variant
-    config_cls = optimize_module.OptimizeConfig
-    if variant == "idap-additive":  # run_variant builds the config: hand it one without kappa
-        optimize_module.OptimizeConfig = lambda **kw: config_cls(**kw, coherence=False)
-    try:
-        row = bq.run_variant(task, target, score, True, seed, p0, evaluators, log, refit=refit)
-    finally:
-        optimize_module.OptimizeConfig = config_cls
-    row.update(score=variant, refit=refit)
+    """One stage-1 run (``bench_quality.run_variant``, which knows ``idap-additive``)."""
+    row = bq.run_variant(task, target, variant, True, seed, p0, evaluators, log, refit=refit)
+    row.update(refit=refit)
     return row
 
 

@@ -59,7 +59,8 @@ if str(REPO) not in sys.path:
 
 SECTION = "## Quality at matched MACs (no fine-tuning)"
 OBSERVATIONS = "### Observations"
-SCORES = ("idap", "paper", "l1", "random", "wanda")
+SCORES = ("idap", "paper", "l1", "random", "wanda", "idap-additive")
+#: ``idap-additive``: ``idap`` without its coherence factor (``--no-coherence``), an ablation
 DEFAULT_P0 = {"digits": 0.05, "minilm": 0.1}
 ALPHA, STEPS = 1.5, 10
 MAX_GROUP_RATIO, ROUND_TO = 0.9, 1
@@ -220,7 +221,8 @@ def run_variant(
         target_flops=target,
         max_drop=LOOSE,
         metric=task.metric,
-        score=score,
+        score="idap" if score == "idap-additive" else score,
+        coherence=score != "idap-additive",
         mean_compensation=mc,
         p0=ONESHOT_P0 if oneshot else p0,
         alpha=ALPHA,
@@ -678,7 +680,9 @@ def main(argv: list[str] | None = None) -> int:
         default=[0.5, 0.3],
         help="kept MACs fractions (0.5: 50 %% removed)",
     )
-    parser.add_argument("--scores", nargs="+", default=list(SCORES), choices=SCORES)
+    parser.add_argument("--scores", nargs="+", default=list(SCORES[:-1]), choices=SCORES,
+                        help="unit scores to compare (default: all but the idap-additive "
+                        "ablation)")
     parser.add_argument(
         "--seeds",
         nargs="+",
@@ -697,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--oneshot",
         nargs="*",
-        default=list(SCORES),
+        default=list(SCORES[:-1]),
         choices=SCORES,
         help="scores also run as a one-shot ablation (T = 1, MC on); give none to skip it",
     )
