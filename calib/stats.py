@@ -273,7 +273,8 @@ def augment(model: onnx.ModelProto, plan: ProbePlan) -> tuple[list[onnx.NodeProt
     ``Size(T)``; per energy probe on Y: ``sum(Y**2)``; per ReLU-norm probe:
     ``sum_b ||ReLU(T[b, c])||_2``; per block: ``sum_b ||y_b - x_b||`` (for a residual block
     ``y - x`` is its branch ``f(x)``, read directly) and ``sum_b ||y_b||``. A block output
-    that is also an energy's flow tensor is squared once.
+    that is also an energy's flow tensor is squared once; the energy of a channel-probed
+    tensor is the sum of its per-channel ``sumsq`` (the tensor is not read again).
     """
     opset = next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
     b = _Builder(opset)
@@ -322,6 +323,8 @@ def augment(model: onnx.ModelProto, plan: ProbePlan) -> tuple[list[onnx.NodeProt
         shape = plan.energies[y]
         if y in per_sample_sq:  # a block output: its per-sample squares are there already
             outputs.append(b.reduce("ReduceSum", per_sample_sq[y], [0], name))
+        elif y in plan.channels:  # a consumer's output: the sum of its channels' sumsq
+            outputs.append(b.reduce("ReduceSum", f"idap::sumsq::{y}", [0], name))
         elif pooled(plan, shape):
             outputs.append(b.pooled(b.square(y), shape[3], [0, 1, 2, 3], name))
         else:
