@@ -51,14 +51,6 @@ def run_one(task, target, variant, seed, refit, evaluators, log, p0: float) -> d
     return row
 
 
-def make_task(name: str, batch: int):
-    if name == "digits":
-        return bq.digits_task(batch)
-    if name == "mnist_se":
-        return bq.mnist_se_task(batch)
-    return bq.minilm_task(batch, 128, 256, 256)
-
-
 def coherence_table(name: str, batch: int) -> str:
     """Diagnostic: per weighted consumer of the original model, kappa_k and the additive
     estimate ``sum_c e_kc / E||T_k||^2`` (mean compensation on), on the calibration data."""
@@ -66,7 +58,7 @@ def coherence_table(name: str, batch: int) -> str:
     from idap_onnx.calib.stats import collect, plan_probes
     from idap_onnx.dependency import analyze_model
 
-    task = make_task(name, batch)
+    task = bq.make_task(name, batch)
     graph = analyze_model(task.model, task.shapes)
     stats = collect(task.model, plan_probes(graph, scores=("idap",)), task.calib)
     lines = [f"{name}: consumer | kappa | additive estimate of removing all its inputs",
@@ -190,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": f"{m['cpu']}, {m['cores']} cores, ONNX Runtime {m['onnxruntime']}",
                 "date": time.strftime("%Y-%m-%d")}
         for name in args.models:
-            task = make_task(name, args.batch)
+            task = bq.make_task(name, args.batch)
             evaluators = task.evaluators()
             plan = [(t, False, v) for t in args.targets for v in args.variants]
             plan += [(t, True, v) for t in args.refit_targets for v in args.refit_variants]

@@ -195,6 +195,16 @@ def minilm_task(batch: int, calib: int, val: int, test: int) -> Task:
     )
 
 
+def make_task(name: str, batch: int, minilm_calib: int = 128, minilm_val: int = 256,
+              minilm_test: int = 256) -> Task:
+    """The task of ``digits``, ``mnist_se`` or ``minilm`` (its sentence counts per split)."""
+    if name == "digits":
+        return digits_task(batch)
+    if name == "mnist_se":
+        return mnist_se_task(batch)
+    return minilm_task(batch, minilm_calib, minilm_val, minilm_test)
+
+
 # ------------------------------------------------------------------------------------- the runs
 
 
@@ -755,16 +765,14 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
-    def make_task(name: str) -> Task:
-        if name == "digits":
-            return digits_task(args.batch)
-        return minilm_task(args.batch, args.minilm_calib, args.minilm_val, args.minilm_test)
+    def task_of(name: str) -> Task:
+        return make_task(name, args.batch, args.minilm_calib, args.minilm_val, args.minilm_test)
 
     if args.sweep_steps:
         for name in args.models:
             print(
                 sweep_steps(
-                    make_task(name), args.targets, args.scores, args.seeds, args.sweep_steps, log
+                    task_of(name), args.targets, args.scores, args.seeds, args.sweep_steps, log
                 )
             )
         return 0
@@ -791,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         rows, infos = [], []
         for name in args.models:
-            task = make_task(name)
+            task = task_of(name)
             task_rows, info = run_task(
                 task, args.targets, args.scores, args.seeds, p0_for(name), log,
                 tuple(args.oneshot)
