@@ -28,8 +28,19 @@ normalizations, pooling and resizes are 0. ``FLOPs = 2 * MACs``. The formulas:
 
 Shapes come from ONNX shape inference with data propagation on a light copy of the model, with
 graph input dims taken from ``input_shapes`` and every other unknown input dim set to
-``default_dim``. Sequence models (transformers) need their sequence length given through
-``input_shapes`` (``--input-shape`` on the command line): the default of 1 gives one token.
+``default_dim``, then shape folding (``shapes.complete_shapes``). Where a MAC-bearing node's
+shapes are still unknown (the attention masks that dynamo exports build with ``Range``, whose
+unknown dims broadcast into the scores and everything after), the tensors it reads and writes
+are measured by one ONNX Runtime run on generated inputs of those same dims
+(``shapes.probe_shapes``), the last step of the channel analysis's ``shapes.analysis_shapes``.
+The invariant: every Conv/ConvTranspose/Gemm/MatMul/Attention/RNN/GRU/LSTM node (and two-operand
+``Einsum``) of a model that ONNX Runtime can run at those dims is resolved; ``unresolved`` lists
+only nodes of models it cannot run (unknown custom ops) and Einsums of three or more operands.
+The run happens only when static inference and folding leave such a node unresolved, so the
+result on every other model is theirs alone. Sequence models (transformers) need their
+sequence length given through ``input_shapes`` (``--input-shape`` on the command line): the
+default of 1 gives one token; ``shapes.concrete_input_shapes`` gives the analysis's defaults
+(batch 1, every other symbolic dim 32), which ``api.inspect`` passes.
 Only the main graph is costed: nodes inside ``If``/``Loop`` bodies and model-local functions
 count 0, though outer tensors they read are charged to the ``If``/``Loop`` node.
 """
@@ -46,7 +57,7 @@ from onnx import helper, shape_inference
 
 from idap_onnx.conv_taps import conv_pads
 from idap_onnx.errors import UsageError
-from idap_onnx.shapes import complete_shapes
+from idap_onnx.shapes import complete_shapes, probe_shapes
 
 __all__ = ["ModelCost", "NodeCost", "format_count", "model_cost"]
 
@@ -143,7 +154,7 @@ def model_cost(
             or ``default_dim`` is below 1.
     """
     graph = model.graph
-    shapes = _inferred_shapes(model, input_shapes or {}, default_dim)
+    shapes = _resolved_shapes(model, input_shapes or {}, default_dim)
     params = _params_per_node(graph)
     nodes: list[NodeCost] = []
     unresolved: list[str] = []
@@ -179,6 +190,64 @@ def format_count(n: int) -> str:
 
 
 # --- shapes -------------------------------------------------------------------------------
+
+
+def _resolved_shapes(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], default_dim: int
+) -> dict[str, Shape]:
+    """The shapes the MAC rules read: :func:`_inferred_shapes`, then, only if some MAC-bearing
+    node is still unresolved, the unknown tensors of those nodes measured by one ONNX Runtime
+    run (``shapes.probe_shapes``) at the same input dims.
+
+    Invariant: a tensor whose inferred shape is fully known is never replaced, so a model whose
+    nodes all resolve statically gets exactly the shapes (and MACs) of static inference.
+    """
+    shapes = _inferred_shapes(model, input_shapes, default_dim)
+    missing = _unresolved_tensors(model.graph, shapes)
+    if not missing:
+        return shapes
+    dims = _input_dims(model.graph, input_shapes, default_dim)
+    if dims is None:
+        return shapes
+    try:
+        measured = probe_shapes(model, dims, missing)
+    except (KeyError, TypeError, ValueError):  # an input ORT cannot be fed; best effort
+        return shapes
+    shapes.update((name, tuple(int(d) for d in shape)) for name, shape in measured.items())
+    return shapes
+
+
+def _unresolved_tensors(graph: onnx.GraphProto, shapes: ShapeMap) -> list[str]:
+    """Inputs and outputs, not fully known, of the MAC-bearing nodes whose rule gives ``None``."""
+    missing: dict[str, None] = {}
+    for node in graph.node:
+        rule = _MAC_RULES.get((_domain(node), node.op_type))
+        if rule is None or rule(node, shapes) is not None:
+            continue
+        for name in (*node.input, *node.output):
+            if name and not _known(shapes.get(name)):
+                missing[name] = None
+    return list(missing)
+
+
+def _input_dims(
+    source: onnx.GraphProto, input_shapes: Mapping[str, Sequence[int]], default_dim: int
+) -> dict[str, list[int]] | None:
+    """The dims :func:`_set_input_dims` gives each non-initializer graph input, or ``None`` when
+    an input is not a tensor of known rank and element type (it cannot be generated)."""
+    graph = onnx.GraphProto()
+    graph.input.extend(source.input)
+    _set_input_dims(graph, source, input_shapes, default_dim)
+    weights = {init.name for init in source.initializer}
+    dims: dict[str, list[int]] = {}
+    for vi in graph.input:
+        if vi.name in weights:
+            continue
+        tensor = vi.type.tensor_type
+        if not (vi.type.HasField("tensor_type") and tensor.HasField("shape") and tensor.elem_type):
+            return None
+        dims[vi.name] = [d.dim_value for d in tensor.shape.dim]
+    return dims
 
 
 def _inferred_shapes(

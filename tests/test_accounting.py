@@ -14,11 +14,16 @@ import onnx
 import onnx.parser
 import pytest
 from onnx import numpy_helper
+from tools_loader import load_tool
 
+from idap_onnx import accounting
 from idap_onnx.accounting import ModelCost, NodeCost, _conv_output_shape, format_count, model_cost
 from idap_onnx.errors import UsageError
+from idap_onnx.model_io import load_model
+from idap_onnx.shapes import concrete_input_shapes
 
 OPSET_17 = '<ir_version: 8, opset_import: ["" : 17]>\n'
+OPSET_18 = '<ir_version: 8, opset_import: ["" : 18]>\n'
 OPSET_23 = '<ir_version: 10, opset_import: ["" : 23]>\n'
 
 
@@ -410,6 +415,79 @@ def test_unknown_shapes_leave_the_node_unresolved():
     assert (cost.macs, cost.unresolved, cost.params) == (0, ("MatMul_1",), 16)
 
 
+def causal_attention_as_dynamo_exports_it() -> onnx.ModelProto:
+    """One attention layer whose mask is built as dynamo exports build it (issue 17): ``Range``
+    over ``Shape`` of the token ids for the positions and for the batch, so ONNX inference
+    leaves the mask's dims unknown, and shape folding (onnx-graphsurgeon) cannot run the
+    ``Range``. At batch 1 the unknown mask batch broadcasts into the scores, so the second
+    attention MatMul and the output Gemm have an unknown batch."""
+    scalar = {
+        name: np.array(value, dtype=dtype)
+        for name, value, dtype in [
+            ("zero", 0, np.int64), ("one", 1, np.int64),
+            ("fzero", 0, np.float32), ("ninf", -1e4, np.float32),
+        ]
+    }
+    return build(
+        """
+        g (int64[batch, sequence] ids) => (float[batch, sequence, 32] y) {
+            x = Gather(table, ids)
+            seq_1 = Shape <start = 1, end = 2> (ids)
+            seq = Squeeze(seq_1)
+            pos = Range(zero, seq, one)
+            axis = Constant <value = int64[1] {1}> ()
+            rows = Unsqueeze(pos, axis)
+            causal = LessOrEqual(pos, rows)
+            batch_1 = Shape <start = 0, end = 1> (ids)
+            batch = Squeeze(batch_1)
+            batch_range = Range(zero, batch, one)
+            axes = Constant <value = int64[2] {1, 2}> ()
+            batch_3d = Unsqueeze(batch_range, axes)
+            valid = GreaterOrEqual(batch_3d, zero)
+            mask = And(valid, causal)
+            bias = Where(mask, fzero, ninf)
+            q = MatMul(x, wq)
+            k_t = Transpose <perm = [0, 2, 1]> (q)
+            scores = MatMul(q, k_t)
+            masked = Add(scores, bias)
+            probs = Softmax <axis = -1> (masked)
+            context = MatMul(probs, x)
+            rows_shape = Constant <value = int64[2] {-1, 32}> ()
+            flat = Reshape(context, rows_shape)
+            out = Gemm(flat, wo)
+            back = Shape(x)
+            y = Reshape(out, back)
+        }
+        """,
+        header=OPSET_18,
+        table=[100, 32],
+        wq=[32, 32],
+        wo=[32, 32],
+        **scalar,
+    )
+
+
+def test_dynamo_style_attention_mask_is_resolved_by_a_runtime_probe():
+    model = causal_attention_as_dynamo_exports_it()
+    shapes = {"ids": [1, 20]}
+    # Static inference and folding alone leave two weighted nodes unresolved (before the fix,
+    # model_cost reported macs 33280 and unresolved ('MatMul_20', 'Gemm_23')).
+    static = accounting._inferred_shapes(model, shapes, 1)
+    assert accounting._unresolved_tensors(model.graph, static)
+    cost = model_cost(model, shapes)
+    assert cost.unresolved == ()
+    macs = {n.name: n.macs for n in cost.nodes if n.macs}
+    assert macs == {
+        "MatMul_15": 1 * 20 * 32 * 32,  # q = x @ wq: B * S * N * K
+        "MatMul_17": 1 * 20 * 20 * 32,  # q @ k^T: B * S * S * D
+        "MatMul_20": 1 * 20 * 32 * 20,  # probs @ x: B * S * D * S
+        "Gemm_23": 20 * 32 * 32,  # [B * S, 32] @ wo: M * N * K
+    }
+    # The probed dims follow input_shapes / default_dim like the inferred ones.
+    assert model_cost(model).macs == 32 * 32 + 32 + 32 + 32 * 32
+    assert model_cost(model, {"ids": [2, 5]}).unresolved == ()
+
+
 @pytest.mark.parametrize(
     ("input_shapes", "message"),
     [
@@ -510,3 +588,36 @@ def test_torchvision_resnet(name, published_macs):
     expected_params = sum(c.weight.numel() + c.out_channels for c in convs)
     expected_params += module.fc.weight.numel() + module.fc.bias.numel()
     assert cost.params == expected_params
+
+
+# --- the zoo: every weighted node resolved (issue 17) ---------------------------------------
+
+zoo = load_tool("zoo")
+WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "Attention"})
+DYNAMO_TRANSFORMERS = ["bert_tiny@dynamo", "gpt2_tiny@dynamo"]
+
+
+def zoo_cost(name: str) -> tuple[onnx.ModelProto, ModelCost]:
+    """The zoo model's cost at the channel analysis's input dims (batch 1, others 32)."""
+    model = load_model(zoo.build(name))
+    return model, model_cost(model, concrete_input_shapes(model))
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", [*zoo.light_names(), *DYNAMO_TRANSFORMERS])
+def test_every_weighted_node_of_the_zoo_is_resolved(name):
+    model, cost = zoo_cost(name)
+    assert cost.unresolved == ()
+    weighted = [n for n in cost.nodes if n.op_type in WEIGHTED]
+    assert weighted
+    assert [n.name for n in weighted if n.macs <= 0] == []
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["resnet18@dynamo", *DYNAMO_TRANSFORMERS])
+def test_dynamo_export_costs_what_the_legacy_export_costs(name):
+    # Same architecture: the two exporters' graphs do the same contractions. (Parameters may
+    # differ by a few float scalar constants, which the exporters write differently.)
+    _, dynamo = zoo_cost(name)
+    _, legacy = zoo_cost(name.removesuffix("@dynamo"))
+    assert dynamo.macs == legacy.macs > 0

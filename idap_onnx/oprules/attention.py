@@ -11,6 +11,7 @@ from __future__ import annotations
 import onnx
 
 from idap_onnx.dependency import AnalysisContext
+from idap_onnx.graph import attr
 from idap_onnx.oprules.base import register
 from idap_onnx.oprules.conv_gemm import matmul_weight
 from idap_onnx.oprules.elementwise import aligned
@@ -22,6 +23,10 @@ def matmul(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
     a, b = node.input[0], node.input[1]
     if ctx.index.initializer_name(b) is not None and ctx.index.initializer_name(a) is None:
         matmul_weight(node, ctx)
+        return
+    via = _transposed_constant(ctx, node, b)
+    if via is not None:
+        matmul_weight(node, ctx, via)
         return
     la, lb = ctx.layout(a), ctx.layout(b)
     if la is None and lb is None:
@@ -36,7 +41,13 @@ def matmul(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
     lb = aligned(ctx, b, r) if lb is not None else None
     if role_a == "K" or role_b == "K":
         if role_a != "K" or role_b != "K" or len(la) != len(lb):
-            ctx.decline(node, f"MatMul '{node.name}': contracted channels on one side only")
+            untracked = b if role_b != "K" else a
+            ctx.decline(
+                node,
+                f"MatMul '{node.name}': contracted channels on one side only ('{untracked}' "
+                "carries none; needs both operands' channels on K, or a constant weight or "
+                "Transpose of a constant read by this MatMul only)",
+            )
             return
         ctx.join(la, lb)
         ctx.consume(node, la)
@@ -75,3 +86,20 @@ def _role(lay, rank: int, own: str) -> str:
     if own == "M":
         return "M" if lay.axis == rank - 2 else "K"
     return "N" if lay.axis == rank - 1 else "K"
+
+
+def _transposed_constant(ctx: AnalysisContext, node: onnx.NodeProto, b: str):
+    """The Transpose node when ``b`` is ``Transpose(T)`` of a 2-D initializer T read by this
+    MatMul only (a tied output projection ``x @ E^T``), else None."""
+    t = ctx.index.producer.get(b)
+    if t is None or t.op_type != "Transpose" or ctx.layout(node.input[0]) is None:
+        return None
+    if ctx.index.initializer_name(t.input[0]) is None or ctx.rank(t.input[0]) != 2:
+        return None
+    if ctx.index.initializer_name(node.input[0]) is not None:
+        return None
+    perm = list(attr(t, "perm", None) or [1, 0])
+    users = ctx.index.consumers.get(b, [])
+    if perm != [1, 0] or len(users) != 1 or b in ctx.index.output_names:
+        return None
+    return t

@@ -127,10 +127,21 @@ def gemm(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
     _bias(node, ctx, 2, n)
 
 
-def matmul_weight(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
-    """MatMul X W with W [K, N] constant: consumes W[k, :], produces W[:, n]."""
+def matmul_weight(
+    node: onnx.NodeProto, ctx: AnalysisContext, via: onnx.NodeProto | None = None
+) -> None:
+    """MatMul X W with W [K, N] constant: consumes W[k, :], produces W[:, n].
+
+    With ``via``, W is ``Transpose(T)`` of a constant T [N, K] (a weight tied to an
+    embedding table, as the dynamo exporter writes ``lm_head``): the consumed columns are
+    sliced from T's axis 1; the output features stay fixed (their MACs are not predicted
+    through the Transpose)."""
     x = node.input[0]
-    w = _weight(node, ctx, 1)
+    if via is None:
+        w, holder, slot, k_axis = _weight(node, ctx, 1), node, 1, 0
+    else:
+        t = _weight(via, ctx, 0)
+        w, holder, slot, k_axis = (None if t is None else t.T), via, 0, 1
     lay = ctx.layout(x)
     rank = ctx.rank(x)
     out_rank = ctx.rank(node.output[0])
@@ -142,9 +153,16 @@ def matmul_weight(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
             ctx.decline(node, f"MatMul '{node.name}': channels not on the last axis")
             return
         ctx.sink(node, x)
-        ctx.edit(SLICE, node, x, input=1, axis=0, role="consumer")
-    _produce(node, ctx, int(w.shape[1]), out_rank - 1)
-    ctx.edit(SLICE, node, node.output[0], input=1, axis=1, role="producer")
+        ctx.edit(SLICE, holder, x, input=slot, axis=k_axis, role="consumer")
+    out = _produce(node, ctx, int(w.shape[1]), out_rank - 1)
+    if via is None:
+        ctx.edit(SLICE, node, node.output[0], input=1, axis=1, role="producer")
+    else:
+        ctx.fix(
+            out,
+            f"MatMul '{node.name}' reads its weight through Transpose '{via.name}': "
+            "its output features need a constant weight to be pruned",
+        )
 
 
 def embedding(node: onnx.NodeProto, ctx: AnalysisContext) -> None:

@@ -131,15 +131,44 @@ def reshape(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
     if not all(isinstance(d, int) for d in mid_in + mid_out):
         ctx.decline(node, f"Reshape '{node.name}': symbolic dims around the channel axis")
         return
+    if _reshape_middle(node, ctx, lay, nz, mid_in, mid_out, lead, lead):
+        return
+    run = _channel_run(mid_in, mid_out, lay.axis - lead, lay.inner, lead)
+    if run is not None:
+        s0, s1, j0, j1 = run
+        seg_in, seg_out = mid_in[s0:s1], mid_out[j0:j1]
+        if _reshape_middle(node, ctx, lay, nz, seg_in, seg_out, lead + s0, lead + j0):
+            return
+    ctx.decline(
+        node,
+        f"Reshape '{node.name}': channel axis mixed with other dims (input dims "
+        f"{mid_in} -> {mid_out} around axis {lay.axis}); needs the channel axis (with its "
+        "head axis) to merge into or split from one output axis",
+    )
+
+
+def _reshape_middle(
+    node: onnx.NodeProto,
+    ctx: AnalysisContext,
+    lay: Layout,
+    nz: np.ndarray,
+    mid_in: list[int],
+    mid_out: list[int],
+    lead_in: int,
+    lead_out: int,
+) -> bool:
+    """The merge or split of the channel axis inside ``mid_in -> mid_out`` (the input dims
+    from ``lead_in``, the output dims from ``lead_out``); False when it mixes the channel
+    axis with other dims (nothing recorded), True when handled or declined."""
     big_in = [i for i, d in enumerate(mid_in) if d != 1]
     big_out = [i for i, d in enumerate(mid_out) if d != 1]
-    pos = lay.axis - lead
+    pos = lay.axis - lead_in
     if len(big_out) == 1:
-        inner = None if lay.inner is None else lay.inner - lead
+        inner = None if lay.inner is None else lay.inner - lead_in
         dims = [mid_in[i] for i in big_in]
         if pos not in big_in or (inner is not None and inner not in big_in):
             ctx.decline(node, f"Reshape '{node.name}': channel axis of size 1")
-            return
+            return True
         merged = merge_axes(
             lay, dims, big_in.index(pos), None if inner is None else big_in.index(inner)
         )
@@ -147,18 +176,18 @@ def reshape(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         merged_nz = merge_axes(flat_nz, dims, big_in.index(pos), None)
         if merged is None:
             ctx.decline(node, f"Reshape '{node.name}' merges a head without its channels")
-            return
-        axis = lead + big_out[0]
+            return True
+        axis = lead_out + big_out[0]
         if _reshape_edit(node, ctx, axis):
             ctx.set(node.output[0], merged.moved(axis), merged_nz.space.astype(bool))
-        return
+        return True
     if big_in == [pos] and lay.fold == 1:
         res = split_axis(lay, [mid_out[i] for i in big_out])
         if res is None:
             ctx.decline(node, f"Reshape '{node.name}': unsupported split of the channel axis")
-            return
+            return True
         kind, new, at = res
-        outer, inner = (lead + big_out[0], lead + big_out[-1])
+        outer, inner = (lead_out + big_out[0], lead_out + big_out[-1])
         if kind == "heads" and (
             _unpacked_later(ctx, node.output[0], outer)
             or _swapped_next(ctx, node.output[0], outer, inner)
@@ -171,24 +200,64 @@ def reshape(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         k = len(lay) // len(new)
         if kind == "heads" and _target_entry(node, ctx, inner) is None:
             ctx.decline(node, f"Reshape '{node.name}': head size computed at run time")
-            return
+            return True
         if kind == "heads":
             ctx.bundle(new)
             new_nz = nz.reshape(-1, k).any(axis=1)
-            new = new.moved(lead + big_out[at], lead + big_out[new.inner])
+            new = new.moved(lead_out + big_out[at], lead_out + big_out[new.inner])
         elif kind == "rows":
             rows = block_rows(lay, len(lay) // len(new))
             for row in rows[1:]:
                 ctx.join(rows[0], row)
             new_nz = nz.reshape(len(rows), -1).any(axis=0)
-            new = new.moved(lead + big_out[at])
+            new = new.moved(lead_out + big_out[at])
         else:
             new_nz = nz.reshape(-1, k).any(axis=1) if kind == "unflatten" else nz
-            new = new.moved(lead + big_out[at])
+            new = new.moved(lead_out + big_out[at])
         if _reshape_edit(node, ctx, new.axis):
             ctx.set(node.output[0], new, new_nz)
-        return
-    ctx.decline(node, f"Reshape '{node.name}': channel axis mixed with other dims")
+        return True
+    return False
+
+
+def _channel_run(
+    mid_in: list[int], mid_out: list[int], pos: int, inner: int | None, lead: int
+) -> tuple[int, int, int, int] | None:
+    """The smallest run ``mid_in[s0:s1]`` around the channel axis ``pos`` (and its head axis,
+    ``inner`` counted from the input's axis 0) that reshapes into a run ``mid_out[j0:j1]``
+    on its own: the products of the dims before both runs, and through both runs, agree
+    (``[B, S, H, d] -> [B*S, H*d]``: run ``[H, d] -> [H*d]``). None when there is none."""
+    prefix_out: dict[int, list[int]] = {}
+    for j in range(len(mid_out) + 1):
+        prefix_out.setdefault(int(np.prod(mid_out[:j], dtype=np.int64)), []).append(j)
+    prefix_in = [int(np.prod(mid_in[:i], dtype=np.int64)) for i in range(len(mid_in) + 1)]
+    last = pos if inner is None else max(pos, inner - lead)
+    first = pos if inner is None else min(pos, inner - lead)
+    if first < 0:
+        return None
+    starts = [i for i in range(first, -1, -1) if prefix_in[i] in prefix_out]
+    ends = [i for i in range(last + 1, len(mid_in) + 1) if prefix_in[i] in prefix_out]
+    if not starts or not ends:
+        return None
+    s0, s1 = starts[0], ends[0]
+    j0, j1 = max(prefix_out[prefix_in[s0]]), min(prefix_out[prefix_in[s1]])
+    if j1 <= j0 or (s0, s1) == (0, len(mid_in)):
+        return None
+    return s0, s1, j0, j1
+
+
+def _copied_dim(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> int | None:
+    """A Reshape target entry 0 ("copy the input dim", ``allowzero`` unset) that would not
+    follow the pruning when the channels land on output ``axis``: at ``axis`` copying
+    another input dim, or at the input's channel axis copying the channel count elsewhere."""
+    lay = ctx.layout(node.input[0])
+    if int(attr(node, "allowzero", 0)) or lay is None or lay.axis == axis:
+        return None
+    rank = ctx.rank(node.output[0]) or 0
+    for k in (axis, lay.axis):
+        if k < rank and _target_entry(node, ctx, k) == 0:
+            return k
+    return None
 
 
 def _swapped_next(ctx: AnalysisContext, name: str, a: int, b: int) -> bool:
@@ -272,6 +341,14 @@ def _solve_unknown_dim(src: tuple, dst: tuple) -> tuple:
 def _reshape_edit(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool:
     """Record that shape[axis] must become the kept length; False (declined) when that
     entry is computed at run time from something other than the channel dim itself."""
+    zero = _copied_dim(node, ctx, axis)
+    if zero is not None:
+        ctx.decline(
+            node,
+            f"Reshape '{node.name}': target entry {zero} is 0 (copy the input dim) where the "
+            "channel count moves; needs an explicit size or -1 there",
+        )
+        return False
     shape = ctx.const(node.input[1])
     if shape is not None:
         if int(shape[axis]) > 0:

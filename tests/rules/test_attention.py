@@ -353,3 +353,154 @@ def test_reshape_separating_a_head_from_its_channels_declines():
 def test_reshape_merging_heads_with_tokens_declines():
     model = heads_then("y = Reshape(qh, shape)", f"{B},{S * H},{HD}", shape=i64(B, S * H, HD))
     assert_declined(analyze(model), "y", "Reshape 'y'")
+
+
+# -- dynamo-exported attention ------------------------------------------------------------------
+
+DB = 2  # a batch of two, so the flattened [B*S, D] rows really mix batch and tokens
+
+
+def dynamo_mha():
+    """Attention as ``torch.onnx.export(dynamo=True)`` writes it: Gemm on ``[B*S, D]`` rows,
+    the heads split by a run-time target ``Concat(Shape(x)[0], Shape(x)[1], H, HD)``, and
+    the heads merged back by a constant ``[-1, D]`` that folds batch and tokens too."""
+    return parse(
+        f"""
+        g (float[{DB},{S},{D}] x) => (float[{DB},{S},{D}] y) {{
+            x2 = Reshape(x, flat)
+            q = Gemm(x2, Wq, Bq)
+            k = Gemm(x2, Wk)
+            v = Gemm(x2, Wv)
+            s = Shape(x)
+            b = Gather(s, i0)
+            n = Gather(s, i1)
+            b1 = Unsqueeze(b, ax0)
+            n1 = Unsqueeze(n, ax0)
+            heads = Concat<axis=0>(b1, n1, hh, hd)
+            qh = Reshape<allowzero=1>(q, heads)
+            kh = Reshape<allowzero=1>(k, heads)
+            vh = Reshape<allowzero=1>(v, heads)
+            qt = Transpose<perm=[0,2,1,3]>(qh)
+            kt = Transpose<perm=[0,2,3,1]>(kh)
+            vt = Transpose<perm=[0,2,1,3]>(vh)
+            scores = MatMul(qt, kt)
+            probs = Softmax<axis=-1>(scores)
+            ctx = MatMul(probs, vt)
+            ct = Transpose<perm=[0,2,1,3]>(ctx)
+            merged = Reshape(ct, flat)
+            o = Gemm(merged, Wo, Bo)
+            back = Concat<axis=0>(b1, n1, dd)
+            y = Reshape<allowzero=1>(o, back)
+        }}""",
+        14,
+        Wq=(D, D),
+        Wk=(D, D),
+        Wv=(D, D),
+        Bq=(D,),
+        Wo=(D, D),
+        Bo=(D,),
+        flat=i64(-1, D),
+        i0=np.array(0, np.int64),
+        i1=np.array(1, np.int64),
+        ax0=i64(0),
+        hh=i64(H),
+        hd=i64(HD),
+        dd=i64(D),
+    )
+
+
+def test_dynamo_heads_merged_with_batch_rows_are_pruned_whole():
+    model = dynamo_mha()
+    graph = analyze(model)
+    assert "merged" not in graph.declined, graph.declined
+    group = group_of(graph, "q")
+    assert group.producers == ("k", "q", "v") and group.size == H and not group.frozen
+    assert graph.layouts["merged"].axis == 1 and len(graph.layouts["merged"]) == D
+    pruned = assert_exact(model, {"q": [0, 2]})
+    assert init(pruned, "q:1").shape == (D, HD)
+    assert init(pruned, "o:1").shape == (HD, D)
+    assert init(pruned, "merged:1").tolist() == [-1, HD]
+    # the run-time target Concat is copied for each Reshape, its head count rewritten
+    heads = {n.input[1] for n in pruned.graph.node if n.name in ("qh", "kh", "vh")}
+    assert len(heads) == 3
+    for n in pruned.graph.node:
+        if n.output[0] in heads:
+            assert init(pruned, f"{n.name}:2").tolist() == [1]
+
+
+def test_reshape_merging_heads_with_tokens_and_batch_is_pruned_whole():
+    # [1,S,H,HD] -> [S, H*HD] (the merge dynamo writes with a constant [-1, D])
+    model = heads_then("t = Reshape(qh, shape)\n y = MatMul(t, Wo)", f"{S},{D}",
+                       shape=i64(-1, D), Wo=(D, D))  # fmt: skip
+    graph = analyze(model)
+    assert graph.layouts["t"].axis == 1 and graph.layouts["t"].fold == 1
+    assert group_of(graph, "q").size == H
+    pruned = assert_exact(model, {"q": [1]})
+    assert init(pruned, "t:1").tolist() == [-1, D - HD]
+
+
+def test_reshape_merging_heads_with_an_unsplittable_run_declines_with_the_dims():
+    # [1,S,H,HD] -> [2*S, H*HD/2]: no output axis holds exactly the heads and their channels
+    model = heads_then("y = Reshape(qh, shape)", f"{2 * S},{H * HD // 2}",
+                       shape=i64(2 * S, H * HD // 2))  # fmt: skip
+    graph = analyze(model)
+    assert_declined(graph, "y", r"channel axis mixed with other dims \(input dims")
+    assert_declined(graph, "y", "needs the channel axis")
+
+
+def test_reshape_copying_another_dim_into_the_channel_entry_declines():
+    # [1, 12 tokens, 12 channels] -> [12, 0]: the 0 copies the token dim, not the channels
+    model = parse(
+        """
+        g (float[1,12,12] x) => (float[12,12] y) {
+            q = MatMul(x, Wq)
+            y = Reshape(q, shape)
+        }""",
+        Wq=(12, 12),
+        shape=i64(12, 0),
+    )
+    assert_declined(analyze(model), "y", "target entry 1 is 0")
+
+
+def tied_lm_head(shared: bool = False):
+    """Embedding table E [V, D] read by Gather and, transposed, by the output MatMul (GPT-2's
+    tied ``lm_head`` as the dynamo exporter writes it: ``MatMul(h, Transpose(E))``)."""
+    extra = "z = MatMul(r, et)" if shared else "z = Identity(y)"
+    return parse(
+        f"""
+        g (int64[{B},{S}] ids) => (float[{B},{S},7] y, float[{B},{S},7] z) {{
+            e = Gather(E, ids)
+            h = MatMul(e, W1)
+            a = Relu(h)
+            n = MatMul(a, W2)
+            r = Add(e, n)
+            et = Transpose<perm=[1,0]>(E)
+            y = MatMul(r, et)
+            {extra}
+        }}""",
+        E=(7, D),
+        W1=(D, 5),
+        W2=(5, D),
+    ), {"ids": np.random.default_rng(0).integers(0, 7, (B, S)).astype(np.int64)}
+
+
+def test_tied_output_projection_through_transpose_slices_the_table():
+    model, feeds = tied_lm_head()
+    graph = analyze(model)
+    assert "y" not in graph.declined, graph.declined
+    tied = group_of(graph, "e")
+    assert tied.producers == ("e", "n") and set(tied.consumers) >= {"h", "y"}
+    assert not tied.frozen, tied.frozen_reasons
+    assert_frozen(graph, "y", "reads its weight through Transpose 'et'")
+    pruned = assert_exact(model, {"e": [1, 4], "h": [0]}, feeds)
+    assert init(pruned, "e:0").shape == (7, D - 2)
+    assert init(pruned, "et:0").shape == (7, D - 2)
+    assert init(pruned, "h:1").shape == (D - 2, 4)
+    assert init(pruned, "n:1").shape == (4, D - 2)
+
+
+def test_tied_transpose_read_by_two_matmuls_declines_with_what_is_needed():
+    model, _ = tied_lm_head(shared=True)
+    graph = analyze(model)
+    assert_declined(graph, "y", "contracted channels on one side only")
+    assert_declined(graph, "y", "'et'.*Transpose of a constant read by this MatMul only")
