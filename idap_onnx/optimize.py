@@ -36,6 +36,7 @@ from idap_onnx.dependency import DependencyGraph, analyze_model
 from idap_onnx.deploy.latency import BACKENDS
 from idap_onnx.errors import UsageError
 from idap_onnx.group_costs import predict_macs
+from idap_onnx.latency_target import LatencyPlan
 from idap_onnx.metrics import Evaluator
 from idap_onnx.passes.prune_channels import prune_channels
 from idap_onnx.passes.remove_blocks import remove_blocks
@@ -65,7 +66,7 @@ class OptimizeConfig:
     p0: float = 0.05
     alpha: float = 1.5
     steps: int = 10
-    round_to: int = 1
+    round_to: int | str = "auto"  # "auto": a latency table's stairs, else the known multiple
     max_group_ratio: float = 0.9
     ignore: tuple[str, ...] = ()
     retries: int = 3
@@ -80,6 +81,8 @@ class OptimizeConfig:
     latency_batch: int = 1
     latency_fp16: bool = False
     precision: str = "fp32"  # the exported model's; the budget is judged on it (optimize_api)
+    target_latency: str | None = None  # "0.5" (of the original's) or "12ms": needs a table
+    latency_table: str | None = None  # a saved table (``deploy.latency_table``) to plan with
 
     def check(self) -> None:
         if self.max_drop is not None and self.max_error is not None:
@@ -102,6 +105,15 @@ class OptimizeConfig:
             raise UsageError(f"latency_batch {self.latency_batch} must be >= 1")
         if self.precision not in ("fp32", "fp16", "int8"):
             raise UsageError(f"precision '{self.precision}': choose fp32, fp16 or int8")
+        if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise UsageError(f"round_to {self.round_to!r}: give auto or a channel count >= 1")
+        if self.target_latency is not None:
+            from idap_onnx.deploy.latency_table import parse_target_latency
+
+            parse_target_latency(self.target_latency)
+            if self.latency == "off" and self.latency_table is None:
+                raise UsageError("target_latency needs a latency backend to measure a table "
+                                 "(latency onnxruntime) or a saved table (latency_table)")
 
 
 @dataclass
@@ -148,6 +160,11 @@ class OptimizeResult:
     accepted: list[onnx.ModelProto] = field(default_factory=list)
     export: dict | None = None
     exported: onnx.ModelProto | None = None
+    # Widths and latency target (``latency_target.LatencyPlan.to_dict``), the table's
+    # predicted latency of the current model, and the table itself (saved beside the report).
+    latency_plan: dict | None = None
+    predicted_ms: float | None = None
+    table: object | None = None
 
     def record(self, model: onnx.ModelProto) -> None:
         """Remember an accepted model, for stepping back when its export breaks the budget."""
@@ -174,6 +191,7 @@ class OptimizeResult:
             "seconds": round(self.seconds, 3),
             "latency": self.latency,
             "export": self.export,
+            "latency_plan": self.latency_plan,
         }
 
 
@@ -195,7 +213,12 @@ def _target_macs(config: OptimizeConfig, macs: int, params: int) -> tuple[int | 
     return resolve(config.target_flops, macs), resolve(config.target_params, params)
 
 
-def _met(cost, target_macs, target_params) -> bool:
+def _met(cost, targets, predicted_ms: float | None = None) -> bool:
+    """Whether a target stops the run: the latency target (predicted), or the MACs and
+    params targets together; whichever is met first."""
+    target_macs, target_params, target_ms = targets
+    if target_ms is not None and predicted_ms is not None and predicted_ms <= target_ms:
+        return True
     if target_macs is None and target_params is None:
         return False
     return (target_macs is None or cost.macs <= target_macs) and (
@@ -231,6 +254,8 @@ def optimize(
     cost0 = model_cost(model, shapes)
     target_macs, target_params = _target_macs(config, cost0.macs, cost0.params)
     kind, limit = _budget(config, evaluator)
+    lat = LatencyPlan.prepare(model, calib_batches, config, say)
+    targets = (target_macs, target_params, lat.target_ms)
     base = evaluator.evaluate(model)
     result = OptimizeResult(
         model=model,
@@ -240,6 +265,7 @@ def optimize(
         original={"params": cost0.params, "macs": cost0.macs, "metric": base.metric},
         final={},
     )
+    result.table = lat.table
     current, cost = model, cost0
     train, cut = _training_samples(calib_batches, model) if config.finetune or config.refit else (
         None, False)
@@ -254,14 +280,15 @@ def optimize(
             config,
             shapes,
             (kind, limit),
-            (target_macs, target_params),
+            targets,
             result,
             say,
             teacher=model,
             train=train,
             refit_calib=refit_calib,
+            lat=lat,
         )
-    if 2 in config.stages and not _met(cost, target_macs, target_params):
+    if 2 in config.stages and not _met(cost, targets, result.predicted_ms):
         current, cost = _stage2(
             current,
             cost,
@@ -270,7 +297,7 @@ def optimize(
             config,
             shapes,
             (kind, limit),
-            (target_macs, target_params),
+            targets,
             result,
             say,
         )
@@ -292,6 +319,7 @@ def optimize(
         "drop": evaluator.drop(final),
     }
     result.kept = _kept_counts(model, current)
+    result.latency_plan = lat.to_dict(result.predicted_ms)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -348,16 +376,20 @@ def _finetuned(candidate, teacher, samples, config, epochs, say):
 
 def _stage1(
     current, cost, calib, evaluator, config, shapes, budget, targets, result, say, teacher=None,
-    train=None, refit_calib=None,
+    train=None, refit_calib=None, lat=None,
 ):
     from idap_onnx.calib.refit import TargetCache
 
     cache = TargetCache() if config.refit else None  # each refit's result's targets, for the next
     steps = config.steps
+    graph = analyze_model(current, shapes)
+    result.predicted_ms = lat.predict(graph)
     for t in range(steps):
-        if _met(cost, *targets):
+        if t:
+            graph = analyze_model(current, shapes)
+            result.predicted_ms = lat.predict(graph)
+        if _met(cost, targets, result.predicted_ms):
             break
-        graph = analyze_model(current, shapes)
         stats = collect(
             current, plan_probes(graph, scores=(config.score,)), calib, device=config.device
         )
@@ -366,11 +398,12 @@ def _stage1(
             graph, stats, config.score, mean_compensation=config.mean_compensation,
             seed=config.seed, coherence=config.coherence,
         )
+        scores = lat.ranked(graph, scores)
         fraction = config.p0 * (1 + t / steps) ** config.alpha
-        accepted = False
+        accepted, timed = False, False
         for attempt in range(config.retries + 1):
             t0 = time.perf_counter()
-            removal = _plan(graph, scores, config, fraction, cost, targets)
+            removal = _plan(graph, scores, config, fraction, cost, targets, lat)
             if not removal:
                 say(f"stage 1 step {t}: nothing left to remove")
                 return current, cost
@@ -408,19 +441,28 @@ def _stage1(
             if ok:
                 current, cost, accepted = candidate, new_cost, True
                 result.record(candidate)
+                if lat.table is not None:
+                    result.predicted_ms = lat.predict(graph, removal)
+                    timed = lat.covers(graph, removal)
                 break
             fraction /= 2
         if not accepted:
             say("stage 1: budget reached (retries exhausted)")
             break
+        if targets[2] is not None and not timed:
+            say("stage 1: what is left to prune has no measured saving in the latency table; "
+                f"stopping at {result.predicted_ms:.3f} ms predicted (target {targets[2]:.3f} ms)")
+            break
     return current, cost
 
 
 def _plan(
-    graph: DependencyGraph, scores, config: OptimizeConfig, fraction: float, cost, targets
+    graph: DependencyGraph, scores, config: OptimizeConfig, fraction: float, cost, targets,
+    lat: LatencyPlan,
 ) -> dict[str, list[int]]:
-    """The removal for ``fraction``; shrunk by bisection so it does not overshoot the MACs
-    target by more than needed."""
+    """The removal for ``fraction``, widths on ``lat``'s stairs; shrunk by bisection so it
+    does not overshoot the MACs or latency target by more than needed."""
+    multiples = lat.multiples(graph)
 
     def removal_for(f: float):
         return plan_removal(
@@ -428,22 +470,26 @@ def _plan(
             scores,
             PlanConfig(
                 ratio=min(f, 0.95),
-                round_to=config.round_to,
+                round_to=lat.round_to or 1,
                 max_group_ratio=config.max_group_ratio,
                 ignore=config.ignore,
+                multiples=multiples,
             ),
         )
 
+    target_macs, _, target_ms = targets
+
+    def overshoots(removal) -> bool:
+        return (target_macs is not None and predict_macs(graph, cost, removal) < target_macs) or (
+            target_ms is not None and lat.predict(graph, removal) < target_ms)
+
     removal = removal_for(fraction)
-    target_macs = targets[0]
-    if target_macs is None or not removal:
-        return removal
-    if predict_macs(graph, cost, removal) >= target_macs:
+    if not removal or not overshoots(removal):
         return removal
     lo, hi = 0.0, fraction
     for _ in range(12):
         mid = (lo + hi) / 2
-        if predict_macs(graph, cost, removal_for(mid)) < target_macs:
+        if overshoots(removal_for(mid)):
             hi = mid
         else:
             lo = mid
@@ -479,7 +525,7 @@ def _stage2(current, cost, calib, evaluator, config, shapes, budget, targets, re
     order = list(result.block_divergence)
     limit = config.max_blocks if config.max_blocks is not None else len(order)
     for i, name in enumerate(order):
-        if len(result.removed_blocks) >= limit or _met(cost, *targets):
+        if len(result.removed_blocks) >= limit or _met(cost, targets, result.predicted_ms):
             break
         t0 = time.perf_counter()
         try:
@@ -511,6 +557,8 @@ def _stage2(current, cost, calib, evaluator, config, shapes, budget, targets, re
             f"{evaluator.metric_name} {ev.metric:.4f} -> {'removed' if ok else 'essential'}"
         )
         if ok:
+            if result.predicted_ms is not None and cost.macs:  # blocks: in proportion to MACs
+                result.predicted_ms *= new_cost.macs / cost.macs
             current, cost = candidate, new_cost
             result.removed_blocks.append(name)
             result.record(candidate)

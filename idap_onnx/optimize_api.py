@@ -178,6 +178,8 @@ def run_optimize(
             fp16=config.latency_fp16,
             progress=progress,
         ).to_dict()
+        result.latency["slower_than_original"] = bool(
+            result.latency["speedup"]["optimized"] < 1.0)
     return result
 
 
@@ -291,18 +293,24 @@ def write_outputs(
     *,
     input_path=None,
     report_dir: str | os.PathLike | None = None,
+    models: bool = True,
 ) -> dict[str, Path]:
-    """Write the model and ``report.json`` atomically, then ``report.md`` and the plots."""
+    """Write the model and ``report.json`` atomically, then ``report.md``, the plots and the
+    latency table where one was used; ``models=False`` writes the reports only."""
     output = Path(output)
     report_dir = Path(report_dir) if report_dir else output.parent
     report_dir.mkdir(parents=True, exist_ok=True)
     stem = output.stem
-    save_model(result.model, output, input_path=input_path)
-    paths = {"model": output}
-    if result.exported is not None and result.export:
+    paths = {}
+    if models:
+        paths["model"] = save_model(result.model, output, input_path=input_path)
+    if models and result.exported is not None and result.export:
         exported = output.with_name(f"{stem}.{result.export['applied']}.onnx")
         paths["exported"] = save_model(result.exported, exported, input_path=input_path)
         result.export["path"] = str(exported)
+    if result.table is not None and result.latency_plan and result.latency_plan["table"]:
+        paths["latency_table"] = result.table.save(report_dir / f"{stem}.latency-table.json")
+        result.latency_plan["table"]["path"] = str(paths["latency_table"])
     report = result.to_dict()
     paths["json"] = report_dir / f"{stem}.report.json"
     _atomic_text(paths["json"], json.dumps(report, indent=2, sort_keys=True))

@@ -66,7 +66,8 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
                 else ("essential" if name in essential else "not tried")
             )
             lines.append(f"| `{name}` | {d:.4f} | {outcome} |")
-    lines += _latency_lines(report.get("latency"), report["settings"].get("round_to", 1))
+    lines += _latency_lines(report.get("latency"), report["settings"].get("round_to", 1),
+                            report.get("latency_plan"))
     lines += _export_lines(report.get("export"), report.get("latency"), report["metric"])
     lines += ["", "## Kept output channels per layer", ""]
     stripped = [n for n, k in report["kept"].items() if _stripped(k)]
@@ -111,38 +112,65 @@ def _recovery_line(report: dict) -> str:
     return f"- recovery without training: {' + '.join(parts) or 'none'}"
 
 
-def slower_hint(lat: dict | None, round_to: int) -> str | None:
-    """A hint when the optimized model timed slower than the original with odd widths."""
-    if not lat or lat["speedup"].get("optimized", 1.0) >= 1.0 or round_to % 8 == 0:
+def slower_hint(lat: dict | None, round_to: int | str) -> str | None:
+    """A plain statement when the optimized model timed slower than the original, and
+    what to try."""
+    if not lat or lat["speedup"].get("optimized", 1.0) >= 1.0:
         return None
-    return (
-        "the optimized model ran slower than the original here: widths that are not "
-        "multiples of 8 miss fast kernels (ONNX Runtime's NCHWc convolutions, tensor cores); "
-        "try --round-to 8"
-    )
+    fix = ("try --round-to auto (the default: widths on the runtime's fast multiples)"
+           if round_to != "auto" else
+           "the widths are on the runtime's multiples; a measured table (--target-latency, "
+           "or --latency-table FILE) may choose better ones, or keep the original")
+    return (f"the optimized model measured SLOWER than the original "
+            f"({lat['speedup']['optimized']:.2f}x) on {lat['device']}; {fix}")
 
 
-def _latency_lines(lat: dict | None, round_to: int = 1) -> list[str]:
-    """The latency table: each model's median and spread, and the speed-up over the original."""
-    if not lat:
+def _latency_lines(lat: dict | None, round_to: int | str = "auto",
+                   plan: dict | None = None) -> list[str]:
+    """The latency table: each model's median and spread, and the speed-up over the
+    original; the widths rule, the target and the table's predictions beside them."""
+    if not lat and not plan:
         return []
-    shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in lat["inputs"].items())
-    lines = [
-        "",
-        "## Latency (measured side by side)",
-        "",
-        f"- {lat['device']}; batch {lat['batch']} ({shapes}); {lat['note']}",
-        "",
-        "| model | median ms | p10 ms | p90 ms | runs | speed-up |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, t in lat["timings"].items():
-        lines.append(
-            f"| {name} | {t['median_ms']:.3f} | {t['p10_ms']:.3f} | {t['p90_ms']:.3f} | "
-            f"{t['runs']} | {lat['speedup'][name]:.2f}x |"
-        )
+    lines = ["", "## Latency (measured side by side)", ""]
+    if lat:
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in lat["inputs"].items())
+        lines += [
+            f"- {lat['device']}; batch {lat['batch']} ({shapes}); {lat['note']}",
+            "",
+            "| model | median ms | p10 ms | p90 ms | runs | speed-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, t in lat["timings"].items():
+            lines.append(
+                f"| {name} | {t['median_ms']:.3f} | {t['p10_ms']:.3f} | {t['p90_ms']:.3f} | "
+                f"{t['runs']} | {lat['speedup'][name]:.2f}x |"
+            )
+        lines.append("")
+    lines += _plan_lines(plan, lat)
     hint = slower_hint(lat, round_to)
-    return lines + (["", f"Hint: {hint}."] if hint else [])
+    return lines + ([f"**{hint[0].upper()}{hint[1:]}.**"] if hint else [])
+
+
+def _plan_lines(plan: dict | None, lat: dict | None) -> list[str]:
+    if not plan:
+        return []
+    lines = [f"- widths: {plan['widths']} ({plan['source']})"]
+    table = plan.get("table")
+    if table:
+        steps = ", ".join(f"{n} group(s) step {k}" for k, n in table["steps_in_channels"].items())
+        lines.append(f"- latency table: {table['target']}; {table['groups']} groups ({steps}), "
+                     f"measured in {table['seconds']:.1f} s, scale {table['scale']:.3f}"
+                     + (f", saved to `{table['path']}`" if table.get("path") else ""))
+        measured = ""
+        if lat and "optimized" in lat["timings"]:
+            measured = (f"; measured here {lat['timings']['original']['median_ms']:.3f} ms -> "
+                        f"{lat['timings']['optimized']['median_ms']:.3f} ms")
+        lines.append(f"- predicted by the table: original {table['original_ms']:.3f} ms -> "
+                     f"result {plan['predicted_ms']:.3f} ms{measured}")
+    if plan.get("target_ms") is not None:
+        lines.append(f"- target latency: {plan['target_latency']} = {plan['target_ms']:.3f} ms "
+                     f"(predicted {plan['predicted_ms']:.3f} ms)")
+    return lines + [""]
 
 
 def _export_lines(export: dict | None, lat: dict | None, metric: str) -> list[str]:

@@ -11,11 +11,13 @@ all zero scores 0 and is taken first.
 
 Plan: rank all prunable units of all groups together, lowest first, and take
 ``round(ratio * N)``; each group keeps at least ``max(1, round_to)`` units and at most
-``max_group_ratio`` of them go; kept counts are then rounded to multiples of ``round_to``.
+``max_group_ratio`` of them go; kept counts are then rounded to multiples of ``round_to``
+(or of ``multiples[group]``, a latency table's stair steps, where given).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +36,11 @@ class PlanConfig:
     round_to: int = 1
     max_group_ratio: float = 1.0
     ignore: tuple[str, ...] = ()
+    multiples: Mapping[str, int] | None = None  # group id -> its own round_to
+
+    def step(self, group_id: str) -> int:
+        """Kept counts of this group are multiples of this."""
+        return (self.multiples or {}).get(group_id, self.round_to)
 
     def check(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -93,7 +100,7 @@ def plan_removal(
     for g in graph.groups:
         if g.frozen or ignored & (set(g.producers) | set(g.consumers)):
             continue
-        keep_min = max(1, config.round_to)
+        keep_min = max(1, config.step(g.id))
         limit[g.id] = min(
             len(g.prunable_units),
             g.size - keep_min,
@@ -110,20 +117,28 @@ def plan_removal(
             taken.setdefault(gid, []).append(u)
             target -= 1
     return {
-        gid: _rounded(graph.group(gid), units, scores[gid], config.round_to, limit[gid])
+        gid: removed
         for gid, units in taken.items()
-        if units
+        if units and (removed := _rounded(graph.group(gid), units, scores[gid],
+                                          config.step(gid), limit[gid],
+                                          floor=config.multiples is not None))
     }
 
 
 def _rounded(
-    group: ChannelGroup, units: list[int], score: np.ndarray, round_to: int, limit: int
+    group: ChannelGroup, units: list[int], score: np.ndarray, round_to: int, limit: int,
+    floor: bool = False,
 ) -> list[int]:
-    """Remove the lowest-scored units so the kept count is a multiple of ``round_to``."""
+    """Remove the lowest-scored units so the kept count is a multiple of ``round_to``: the
+    nearest one, or with ``floor`` the one at or below the count wanted (the top of the
+    stair a latency table measured); where ``limit`` forbids that, the next one up."""
     if round_to == 1:
         return sorted(units)
     kept = group.size - len(units)
-    kept = max(round_to, int(round(kept / round_to)) * round_to)
-    n_remove = min(limit, max(0, group.size - kept))
+    kept = (kept // round_to if floor else int(round(kept / round_to))) * round_to
+    kept = max(round_to, kept)
+    if group.size - kept > limit:
+        kept = -(-(group.size - limit) // round_to) * round_to
+    n_remove = max(0, group.size - kept)
     order = sorted(group.prunable_units, key=lambda u: (score[u], u))
     return sorted(order[:n_remove])

@@ -201,7 +201,7 @@ def test_optimize_steps_back_when_the_int8_export_breaks_the_budget(d, tmp_path,
                         lambda self, feed: self.fixed(int8.Int8Form(self.target, "QOperator")))
     out = tmp_path / "s.onnx"
     argv = _optimize(d, out, "--metric", "rel-l2", "--max-error", "0.03", "--precision",
-                     "int8", "--latency", "off")
+                     "int8", "--latency", "off", "--round-to", "1")
     assert main(argv) == 0
     report = json.loads((tmp_path / "s.report.json").read_text())
     exp = report["export"]

@@ -126,12 +126,14 @@ def test_the_optimized_model_keeps_inputs_outputs_and_dynamic_axes(digits):
     assert dims(result.model) == dims(original)  # the symbolic batch stays symbolic
 
 
-def test_a_slower_result_with_odd_widths_gets_the_round_to_hint():
-    """The report's latency section tells the user why a pruned model can be slower."""
+def test_a_slower_result_is_said_plainly_with_what_to_try():
+    """The report's latency section says when the result ran slower, and what to try."""
     from idap_onnx.optimize_report import slower_hint
 
-    lat = {"speedup": {"original": 1.0, "optimized": 0.6}}
-    assert "--round-to 8" in slower_hint(lat, round_to=1)
-    assert slower_hint(lat, round_to=8) is None  # widths already fit
-    assert slower_hint({"speedup": {"original": 1.0, "optimized": 1.4}}, round_to=1) is None
+    lat = {"device": "onnxruntime CPUExecutionProvider",
+           "speedup": {"original": 1.0, "optimized": 0.6}}
+    assert "SLOWER" in slower_hint(lat, round_to=1) and "--round-to auto" in slower_hint(lat, 1)
+    assert "--latency-table" in slower_hint(lat, round_to="auto")
+    faster = {"device": "cpu", "speedup": {"original": 1.0, "optimized": 1.4}}
+    assert slower_hint(faster, round_to=1) is None
     assert slower_hint(None, round_to=1) is None

@@ -23,7 +23,7 @@ _KEYS = (
     "max_group_ratio", "ignore", "retries", "stages", "max_blocks", "device", "report_dir",
     "dry_run", "output",
     "input_shape", "finetune", "finetune_epochs", "latency", "latency_batch", "latency_fp16",
-    "precision",
+    "precision", "target_latency", "latency_table", "require_faster",
 )  # fmt: skip
 
 
@@ -138,11 +138,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     plan.add_argument(
         "--round-to",
-        type=int,
-        default=1,
-        help="keep channel counts multiples of N (1). 8 or 16 for speed: ONNX Runtime's CPU "
-        "convolutions (NCHWc) and tensor cores want such widths, and odd widths can make a "
-        "pruned model slower than the original (docs/BENCHMARKS.md, latency)",
+        type=_round_to,
+        default="auto",
+        metavar="{auto,N}",
+        help="kept channel counts: auto = the widths the runtime runs fast: each group's "
+        "stair step in a latency table where one is measured (--target-latency) or given "
+        "(--latency-table), else the runtime's known multiple (ONNX Runtime CPU: 16 channels "
+        "with AVX-512, 8 with AVX2; TensorRT: 8, 32 for int8); N = multiples of N, 1 = exact "
+        "widths, which can run slower than the original (default: auto)",
     )
     plan.add_argument(
         "--max-group-ratio",
@@ -200,6 +203,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="samples per timed inference, taken from the calibration data (1)",
+    )
+    lat.add_argument(
+        "--target-latency",
+        metavar="T",
+        default=None,
+        help="stop stage 1 when the predicted latency reaches T: a fraction of the original's "
+        "measured latency (0.5) or a time (12ms). Measures a latency table on the --latency "
+        "backend at --latency-batch first (or reads --latency-table) and ranks units by "
+        "score per millisecond saved; with --target-flops/--max-drop, whichever binds first "
+        "stops the run",
+    )
+    lat.add_argument(
+        "--latency-table",
+        metavar="FILE",
+        default=None,
+        help="plan with this saved table (OUT.latency-table.json of an earlier run) instead "
+        "of measuring one: the same table and seed give the same model",
+    )
+    lat.add_argument(
+        "--require-faster",
+        action="store_true",
+        help="exit with an error, writing the reports but not the model, when the result "
+        "measures slower than the original (report.json: latency.slower_than_original)",
     )
     lat.add_argument(
         "--latency-fp16",
@@ -306,7 +332,22 @@ def _config(args: argparse.Namespace):
         latency_batch=args.latency_batch,
         latency_fp16=bool(args.latency_fp16),
         precision=args.precision,
+        target_latency=args.target_latency,
+        latency_table=args.latency_table,
     )
+
+
+def _round_to(text: str) -> int | str:
+    """``auto`` or a positive channel multiple."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not auto or a channel count") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; give auto or a count >= 1")
+    return value
 
 
 def export_line(export: dict, metric: str) -> str:
@@ -381,6 +422,9 @@ def run(args: argparse.Namespace) -> None:
     apply_config(args)
     config = _config(args)
     config.check()
+    if args.require_faster and (config.latency == "off" or args.dry_run):
+        raise UsageError("--require-faster needs the latency measurement of a run "
+                         "(not --latency off, not --dry-run)")
     generated = args.calib is None
     if generated and args.labels is not None:
         raise UsageError(
@@ -438,8 +482,10 @@ def run(args: argparse.Namespace) -> None:
         data=data,
         progress=say,
     )
+    slower = bool(result.latency and result.latency.get("slower_than_original"))
     paths = optimize_api.write_outputs(
-        result, args.output, input_path=args.model, report_dir=args.report_dir
+        result, args.output, input_path=args.model, report_dir=args.report_dir,
+        models=not (args.require_faster and slower),
     )
     if args.json:
         text = json.dumps(result.to_dict(), indent=2, sort_keys=True)
@@ -472,10 +518,22 @@ def run(args: argparse.Namespace) -> None:
                 f"{t2['median_ms']:.3f} ms ({lat['speedup']['exported']:.2f}x over the "
                 "original), in the same turns"
             )
+        plan = result.latency_plan or {}
+        if plan.get("predicted_ms") is not None:
+            print(f"latency predicted by the table: {plan['table']['original_ms']:.3f} ms -> "
+                  f"{plan['predicted_ms']:.3f} ms"
+                  + (f" (target {plan['target_ms']:.3f} ms)" if plan.get("target_ms") else ""))
         hint = slower_hint(lat, config.round_to)
         if hint:
-            say(f"hint: {hint}")
+            say(f"warning: {hint}")
     if result.export:
         print(export_line(result.export, result.metric_name))
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
+    if args.require_faster and slower:
+        from idap_onnx.errors import IdapError
+
+        raise IdapError(
+            "the result measured slower than the original "
+            f"({result.latency['speedup']['optimized']:.2f}x) and --require-faster is set: "
+            "model not written, reports written")

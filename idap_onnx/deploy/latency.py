@@ -128,10 +128,12 @@ def measure(
     warmup: int = 3,
     max_seconds: float = 30.0,
     fp16: bool = False,
+    threads: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> LatencyReport:
     """Time each model on ``feed``, taking turns (module docstring); the first model is the
-    reference of the speed-ups."""
+    reference of the speed-ups. ``threads``: ONNX Runtime's intra-op threads (0: its
+    default, one per physical core)."""
     if backend not in BACKENDS:
         raise IdapError(f"unknown latency backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if not models:
@@ -149,7 +151,8 @@ def measure(
         runners: dict[str, _Runner] = {}
         for i, (name, model) in enumerate(models.items()):
             path = _as_file(model, Path(tmp) / f"m{i}.onnx")
-            runners[name] = _runner(backend, tool, path, feed, device, fp16, Path(tmp) / f"m{i}")
+            runners[name] = _runner(backend, tool, path, feed, device, fp16, Path(tmp) / f"m{i}",
+                                    threads)
             if progress:
                 progress(f"latency: {name} ready on {runners[name].device}")
         samples: dict[str, list[float]] = {name: [] for name in runners}
@@ -186,10 +189,10 @@ def measure(
 
 
 def _runner(backend: str, tool: Trtexec | None, path: Path, feed: Mapping[str, np.ndarray],
-            device: str, fp16: bool, stem: Path) -> _Runner:
+            device: str, fp16: bool, stem: Path, threads: int = 0) -> _Runner:
     """The model at ``path`` ready to run on ``backend`` (temporary files start with ``stem``)."""
     if backend == "onnxruntime":
-        return _OrtRunner(path, feed, device)
+        return _OrtRunner(path, feed, device, threads)
     source = tensorrt_source(path, feed, fp16, stem.with_suffix(".fp16.onnx"))
     if tool is not None:
         return _TrtexecRunner(tool, source, feed, stem)
@@ -259,13 +262,15 @@ class _Runner(abc.ABC):
 
 
 class _OrtRunner(_Runner):
-    def __init__(self, path: Path, feed: Mapping[str, np.ndarray], device: str) -> None:
+    def __init__(self, path: Path, feed: Mapping[str, np.ndarray], device: str,
+                 threads: int = 0) -> None:
         import onnxruntime as ort
 
         from idap_onnx.calib.stats import providers
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=providers(device))
         self.device = f"onnxruntime {self.session.get_providers()[0]}"
         wanted = {i.name for i in self.session.get_inputs()}

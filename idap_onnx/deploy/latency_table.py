@@ -1,0 +1,681 @@
+"""Latency tables: what each channel group's width costs on one target runtime, measured.
+
+For every prunable group ``g`` the table holds ``T_g(w)``: the median time of the sub-graph of
+the nodes whose work depends on ``g`` (its producers, consumers and the nodes between them),
+cut out of the model (``extract_group``) and pruned to ``w`` units by the exact surgery, at a
+ladder of widths (``ladder``), timed in turns on the target (``latency.measure``).
+
+The whole model's latency at widths ``w`` is predicted from its measured latency ``M`` as
+
+    L(w) = M - f(S(w)),   S(w) = sum_g [T_g(C_g) - T_g(w_g)] - sum_n t_n s_n,in s_n,out
+
+where the second sum removes what the first counts twice: a node ``n`` shrunk on both sides
+(input group and output group), with ``t_n`` its share of a sub-graph's time (by MACs) and
+``s`` the fraction of it each side saves (``(1 - s_in)(1 - s_out)`` of it is left). Sub-graphs
+timed alone do not see their neighbours' layouts and caches, so ``f`` is measured: the whole
+model is timed with every group cut to 75 %, 50 % and 25 % of its width (``fit_scale``), and
+``f`` is the line through ``(0, 0)`` and those probes' ``(S, measured saving)``, made
+non-decreasing (and at least ``0.05 S``), extended past the last probe (and below 0) with the
+least-squares scale ``k = sum S_i D_i / sum S_i^2``, which also converts a group's saving per
+unit for ranking.
+
+The staircase: widths that are multiples of the runtime's block run fast; others fall back
+to slower kernels and layout reorders (ONNX Runtime's NCHWc block is 8 with AVX2, 16 with
+AVX-512; TensorRT wants 8 for fp16, 32 for INT8). Per group, the step ``m`` is the smallest of
+1, 8, 16, 32 channels whose cut from an aligned anchor ``a`` costs no time,
+``median_a T(a - m) / T(a) <= 1 + TOL``, and never below the runtime's known multiple
+(``known_multiple``): a sub-graph alone cannot show the reorders an unaligned width forces on
+the next layer. The width kept for a wanted ``w`` is the top of its stair, ``floor(w / m) m``
+(``GroupCurve.snap``); with no table, the known multiple.
+
+A table is keyed by its target (runtime, provider, device name, threads, precision, batch)
+and each entry by the sub-graph's signature (its ops, attributes and shapes, names and
+weight values left out), cached on disk (``default_cache_dir``) and saved as JSON for reuse:
+a saved table makes planning free of timing noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from idap_onnx.errors import UsageError
+
+SCHEMA = 1
+TOL = 0.10  # a cut of m channels may cost this much (timing noise) and still count as free
+MULTIPLES = (1, 8, 16, 32)  # channels; the stair steps a table can find
+ANCHORS = (1.0, 0.75, 0.5, 0.25)  # anchor widths, as fractions of the group's width
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the latency is paid: a runtime (a ``latency.BACKENDS`` name), its provider, the
+    device's name, intra-op threads (0: the runtime's default), precision and batch."""
+
+    runtime: str = "onnxruntime"
+    provider: str = "CPUExecutionProvider"
+    device: str = ""
+    threads: int = 0
+    precision: str = "fp32"
+    batch: int = 1
+
+    @property
+    def key(self) -> str:
+        """A short hash of every field: tables of different targets never mix."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        threads = self.threads or "default"
+        return (f"{self.runtime} {self.provider} on {self.device or 'this device'}, "
+                f"{threads} threads, {self.precision}, batch {self.batch}")
+
+
+def local_target(runtime: str = "onnxruntime", *, device: str = "auto", threads: int = 0,
+                 precision: str = "fp32", batch: int = 1) -> Target:
+    """The target of this machine for ``runtime`` (``device`` as for ``calib.stats.providers``)."""
+    if runtime == "onnxruntime":
+        from idap_onnx.calib.stats import providers
+
+        provider = providers(device)[0]
+        name = cpu_name() if provider == "CPUExecutionProvider" else _gpu_name()
+    else:
+        provider, name = "TensorRT", _gpu_name()
+    return Target(runtime, provider, name, threads, precision, batch)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpu_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return "GPU"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def known_multiple(target: Target) -> int:
+    """The channel multiple the runtime is documented to run fast (FIELD_NOTES.md): ONNX
+    Runtime's CPU NCHWc block (16 with AVX-512, else 8); 32 for TensorRT INT8; 8 otherwise
+    (fp16 tensor cores, cuDNN)."""
+    if target.runtime == "onnxruntime" and target.provider == "CPUExecutionProvider":
+        return 16 if "avx512f" in _cpu_flags() else 8
+    return {"int8": 32}.get(target.precision, 8)
+
+
+def parse_target_latency(text: str | float) -> tuple[str, float]:
+    """``0.5`` -> ('fraction', 0.5) of the original's latency; ``12ms`` / ``0.012s`` ->
+    ('ms', 12.0). Raises ``UsageError`` in one line otherwise."""
+    s = str(text).strip().lower()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(ms|s|us)?", s)
+    if not m:
+        raise UsageError(f"target latency '{text}': give a fraction of the original's "
+                         "latency (0.5) or a time (12ms, 0.012s)")
+    value, unit = float(m.group(1)), m.group(2)
+    if unit is None:
+        if not 0 < value < 1:
+            raise UsageError(f"target latency {value:g}: a fraction must be in (0, 1); "
+                             "for a time, add its unit (12ms)")
+        return "fraction", value
+    ms = value * {"ms": 1.0, "s": 1e3, "us": 1e-3}[unit]
+    if ms <= 0:
+        raise UsageError(f"target latency '{text}' must be above zero")
+    return "ms", ms
+
+
+@dataclass
+class GroupCurve:
+    """One group's measured widths: ``points[w]`` ms of its sub-graph at ``w`` units kept."""
+
+    key: str
+    size: int
+    channels_per_unit: int
+    multiple: int  # units: the stair step (module docstring)
+    points: dict[int, float]
+    nodes: dict[str, float] = field(default_factory=dict)  # weighted node -> MACs share
+    note: str = ""
+
+    def aligned(self) -> tuple[np.ndarray, np.ndarray]:
+        """The measured points on the stair tops (multiples of ``multiple``, and the full
+        width), ascending."""
+        xs = sorted(w for w in self.points if w % self.multiple == 0 or w == self.size)
+        return np.asarray(xs, dtype=np.float64), np.asarray([self.points[w] for w in xs])
+
+    def time(self, width: float) -> float:
+        """Predicted sub-graph time at ``width`` units (linear between stair tops; below the
+        narrowest measured one, proportional to the width)."""
+        xs, ys = self.aligned()
+        if width < xs[0]:
+            return float(ys[0] * max(width, 0.0) / xs[0])
+        return float(np.interp(width, xs, ys))
+
+    def snap(self, wanted: int) -> int:
+        """The width kept for ``wanted``: the top of its stair, never below one step."""
+        if wanted >= self.size:
+            return self.size
+        return max(self.multiple, (wanted // self.multiple) * self.multiple)
+
+    def saving_per_unit(self, width: int) -> float:
+        """Average time saved per unit cut from ``width`` down to the narrowest stair top."""
+        low = min(self.multiple, width)
+        if width <= low:
+            return 0.0
+        return max(self.time(width) - self.time(low), 0.0) / (width - low)
+
+
+@dataclass
+class LatencyTable:
+    """A target's curves by group key (``group_key``) and the whole model's measured time."""
+
+    target: Target
+    model_ms: float
+    groups: dict[str, GroupCurve]
+    seconds: float = 0.0
+    fallback_multiple: int = 1
+    model_signature: str = ""
+    scale: float = 1.0  # k: in-context savings / the sub-graphs' savings (``fit_scale``)
+    probes: list[dict] = field(default_factory=list)  # the whole-model checks of ``fit_scale``
+    calibration: list[list[float]] = field(default_factory=list)  # f's knots [S, saving]
+
+    def curve(self, graph, group) -> GroupCurve | None:
+        return self.groups.get(group_key(group))
+
+    def multiples(self, graph) -> dict[str, int]:
+        """Group id -> kept counts must be multiples of this (units): the measured stair
+        step, or the runtime's known multiple where the group has no curve."""
+        out = {}
+        for g in graph.groups:
+            c = self.groups.get(group_key(g))
+            out[g.id] = c.multiple if c else units_for(self.fallback_multiple, channels_per_unit(g))
+        return out
+
+    def predict(self, graph, removal: Mapping[str, Sequence[int]] | None = None) -> float:
+        """Predicted model latency (ms) of ``graph``'s model less ``removal`` (module docstring)."""
+        removal = removal or {}
+        widths = {}
+        for g in graph.groups:
+            key = group_key(g)
+            if key in self.groups:
+                widths[key] = g.size - len(removal.get(g.id, ()))
+        return self.predict_widths(widths)
+
+    def predict_widths(self, widths: Mapping[str, int]) -> float:
+        """``L(w)``, never below 0 (``f`` extended past the deepest probe can overshoot)."""
+        return max(self.model_ms - self.measured_saving(self.savings(widths)), 0.0)
+
+    def measured_saving(self, s: float) -> float:
+        """``f(S)``: the whole model's saving (ms) for the sub-graphs' saving ``s``."""
+        if not self.calibration or s <= 0:  # a predicted cost stays a cost, scaled
+            return self.scale * s
+        xs = [0.0] + [x for x, _ in self.calibration]
+        ys = [0.0] + [y for _, y in self.calibration]
+        if s <= xs[-1]:
+            return float(np.interp(s, xs, ys))
+        return float(ys[-1] + self.scale * (s - xs[-1]))
+
+    def savings(self, widths: Mapping[str, int]) -> float:
+        """The sub-graphs' predicted saving (ms) at ``widths`` (group key -> units), with
+        the double-counted part of nodes shrunk on both sides added back."""
+        total = 0.0
+        parts: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for key, w in widths.items():
+            c = self.groups[key]
+            full = c.time(c.size)
+            saved = full - c.time(w)
+            total += saved
+            for node, share in c.nodes.items():
+                parts[node].append((full * share, saved * share))
+        for got in parts.values():
+            if len(got) == 2:  # shrunk on both sides: the product, not the sum, of the savings
+                t_n = (got[0][0] + got[1][0]) / 2
+                if t_n > 0:
+                    total -= t_n * (got[0][1] / t_n) * (got[1][1] / t_n)
+        return float(total)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA,
+            "target": asdict(self.target),
+            "target_key": self.target.key,
+            "model_ms": self.model_ms,
+            "model_signature": self.model_signature,
+            "seconds": round(self.seconds, 3),
+            "fallback_multiple": self.fallback_multiple,
+            "scale": self.scale,
+            "probes": self.probes,
+            "calibration": self.calibration,
+            "groups": {k: {**asdict(c), "points": {str(w): t for w, t in sorted(c.points.items())}}
+                       for k, c in sorted(self.groups.items())},
+        }
+
+    @staticmethod
+    def from_dict(d: dict) -> LatencyTable:
+        if d.get("schema_version") != SCHEMA:
+            raise UsageError(f"latency table schema {d.get('schema_version')} is not {SCHEMA}")
+        groups = {}
+        for k, c in d["groups"].items():
+            c = dict(c)
+            c["points"] = {int(w): float(t) for w, t in c["points"].items()}
+            groups[k] = GroupCurve(**c)
+        return LatencyTable(Target(**d["target"]), float(d["model_ms"]), groups,
+                            float(d.get("seconds", 0.0)), int(d.get("fallback_multiple", 1)),
+                            d.get("model_signature", ""), float(d.get("scale", 1.0)),
+                            list(d.get("probes", [])),
+                            [list(map(float, p)) for p in d.get("calibration", [])])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the table as JSON atomically."""
+        return _atomic_json(Path(path), self.to_dict())
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> LatencyTable:
+        """Read a table written by ``save``; a missing or malformed file is a ``UsageError``."""
+        p = Path(path)
+        try:
+            return LatencyTable.from_dict(json.loads(p.read_text()))
+        except FileNotFoundError:
+            raise UsageError(f"latency table {p} does not exist") from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"latency table {p} is not a table idap-onnx wrote ({exc})") from None
+
+
+def group_key(group) -> str:
+    """A group's name that survives pruning (node names do): its producers and consumers."""
+    return ",".join(sorted(group.producers)) + ">" + ",".join(sorted(group.consumers))
+
+
+def channels_per_unit(group) -> int:
+    """Channels per unit of ``group`` (a head holds many; a filter one)."""
+    first = group.units[0]
+    return max(1, min(len(v) for v in first.values()))
+
+
+def units_for(channels: int, cpu: int) -> int:
+    """The smallest unit count whose channels are a multiple of ``channels``."""
+    return int(np.lcm(channels, cpu) // cpu)
+
+
+def ladder(size: int, cpu: int) -> tuple[list[int], list[tuple[int, dict[int, int]]]]:
+    """Widths (units) to time for a group of ``size`` units of ``cpu`` channels: the full
+    width, anchors aligned to 32 channels at ``ANCHORS`` of it, and below each anchor the
+    widths one unit and 8 and 16 channels narrower; with the probes ``(anchor, {multiple:
+    width})`` that decide the stair step."""
+    widths = {size}
+    probes = []
+    step = units_for(32, cpu)
+    anchors = sorted({int(size * f) // step * step for f in ANCHORS} - {0})
+    if not anchors and size > 1:
+        anchors = [size]  # narrower than one 32-channel step: probe below the full width
+    for a in anchors:
+        widths.add(a)
+        below = {}
+        for m in MULTIPLES:
+            w = a - units_for(m, cpu)
+            if 0 < w < a:
+                below[m] = w
+                widths.add(w)
+        probes.append((a, below))
+    smallest = units_for(16, cpu)
+    if smallest < size:
+        widths.add(smallest)
+    return sorted(widths), probes
+
+
+def stair_step(points: Mapping[int, float], probes, cpu: int, size: int) -> int:
+    """The smallest multiple (units) of ``MULTIPLES`` channels whose cut from an aligned
+    anchor costs no time: the median over anchors of ``T(a - m) / T(a)`` is at most
+    ``1 + TOL``; the largest probed one when none passes, 1 when nothing was probed."""
+    tried = []
+    for m in MULTIPLES:
+        u = units_for(m, cpu)
+        if u >= size:
+            break
+        ratios = [points[below[m]] / points[a] for a, below in probes
+                  if m in below and a in points and below[m] in points and points[a] > 0]
+        if not ratios:
+            continue
+        tried.append(u)
+        if float(np.median(ratios)) <= 1 + TOL:
+            return u
+    return tried[-1] if tried else 1
+
+
+def model_signature(model: onnx.ModelProto) -> str:
+    """A hash of the model's structure and weights' shapes (a table's model)."""
+    return _signature(model)
+
+
+def _signature(model: onnx.ModelProto, extra: str = "") -> str:
+    """Ops, attributes, shapes and dtypes; tensor and node names renamed canonically and
+    weight values left out, so repeated blocks share one signature."""
+    names: dict[str, str] = {}
+
+    def canon(n: str) -> str:
+        if not n:
+            return ""
+        if n not in names:
+            names[n] = f"t{len(names)}"
+        return names[n]
+
+    g = model.graph
+    parts = [str(max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                     default=0))]
+    for vi in g.input:
+        dims = [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]
+        parts.append(f"in {canon(vi.name)} {vi.type.tensor_type.elem_type} {dims}")
+    for t in sorted(g.initializer, key=lambda t: t.name):
+        parts.append(f"w {t.data_type} {list(t.dims)}")
+    for node in g.node:
+        attrs = []
+        for a in node.attribute:
+            b = onnx.AttributeProto()
+            b.CopyFrom(a)
+            attrs.append(b.SerializeToString(deterministic=True).hex())
+        parts.append(f"{node.domain}.{node.op_type} {[canon(i) for i in node.input]} "
+                     f"{[canon(o) for o in node.output]} {attrs}")
+    parts.append(extra)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def extract_group(model: onnx.ModelProto, graph, group, types: Mapping[str, int]
+                  ) -> onnx.ModelProto | None:
+    """The sub-graph of the nodes that touch ``group``'s channels, its inputs concrete at the
+    analysis shapes (constants folded by the analysis become initializers); None where a
+    needed input cannot be made (unknown shape)."""
+    spaces = set(group.spaces)
+    keep = set(group.producers) | set(group.consumers)
+    for node in graph.index.nodes:
+        for t in (*node.input, *node.output):
+            lay = graph.layouts.get(t) if t else None
+            if lay is not None and spaces & lay.spaces():
+                keep.add(node.name)
+                break
+    nodes = [n for n in graph.index.nodes if n.name in keep]
+    produced = {o for n in nodes for o in n.output if o}
+    inits = graph.index.initializers
+    inputs, initializers, seen = [], [], set()
+    for n in nodes:
+        for t in n.input:
+            if not t or t in produced or t in seen:
+                continue
+            seen.add(t)
+            if t in inits:
+                initializers.append(inits[t])
+                continue
+            shape = graph.index.shape(t)
+            const = None if t in graph.index.input_names else graph.index.constant(t)
+            if const is not None and (const.dtype.kind != "f" or const.size <= 64):
+                initializers.append(onnx.numpy_helper.from_array(np.asarray(const), t))
+                continue
+            if shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
+                return None
+            inputs.append(onnx.helper.make_tensor_value_info(
+                t, types.get(t, onnx.TensorProto.FLOAT), list(shape)))
+    used_outside = {i for n in graph.index.nodes if n.name not in keep for i in n.input}
+    graph_outputs = set(graph.index.output_names)
+    outputs = []
+    for n in nodes:
+        for o in n.output:
+            if o and (o in used_outside or o in graph_outputs
+                      or not graph.index.consumers.get(o)):
+                shape = graph.index.shape(o)
+                outputs.append(onnx.helper.make_tensor_value_info(
+                    o, types.get(o, onnx.TensorProto.FLOAT), list(shape) if shape else None))
+    if not outputs:
+        return None
+    sub = onnx.helper.make_graph(nodes, f"group_{group.id}", inputs, outputs, initializers)
+    out = onnx.helper.make_model(sub, opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    return out
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    from idap_onnx.shapes import infer_shapes
+
+    inferred = infer_shapes(model)
+    g = inferred.graph
+    return {v.name: v.type.tensor_type.elem_type
+            for v in (*g.input, *g.value_info, *g.output) if v.type.tensor_type.elem_type}
+
+
+def _feed(sub: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for vi in sub.graph.input:
+        shape = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feed[vi.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feed[vi.name] = np.ones(shape, dtype=bool)
+        else:
+            feed[vi.name] = np.zeros(shape, dtype=dtype)
+    return feed
+
+
+def default_cache_dir() -> Path:
+    """``$IDAP_ONNX_CACHE`` or ``$XDG_CACHE_HOME/idap-onnx`` (``~/.cache/idap-onnx``), then
+    ``latency``."""
+    base = os.environ.get("IDAP_ONNX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "idap-onnx")
+    return Path(base) / "latency"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How hard each sub-graph is timed (``latency.measure``'s arguments)."""
+
+    rounds: int = 5
+    per_round: int = 6
+    warmup: int = 2
+    max_seconds: float = 4.0
+
+
+def build_table(
+    model: onnx.ModelProto,
+    target: Target,
+    feed: Mapping[str, np.ndarray],
+    *,
+    groups: Sequence[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    timing: Timing = Timing(),
+    device: str = "auto",
+    progress: Callable[[str], None] | None = None,
+    show: bool = False,
+) -> LatencyTable:
+    """Measure ``model``'s table on ``target`` (this machine): ``feed`` (batch
+    ``target.batch``) times the whole model; every non-frozen group (or the ids in
+    ``groups``) gets a curve. Entries found in ``cache_dir`` are reused; ``cache_dir=False``
+    turns the cache off; ``show`` draws a tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    from idap_onnx.accounting import model_cost
+    from idap_onnx.dependency import analyze_model
+    from idap_onnx.deploy.latency import measure
+
+    t0 = time.perf_counter()
+    batch = target.batch
+    shapes = {k: list(np.asarray(v).shape) for k, v in feed.items()}
+    if any(s and s[0] != batch for s in shapes.values()):
+        raise UsageError(f"latency table: the feed's batch is not the target's ({batch})")
+    graph = analyze_model(model, shapes)
+    cost = model_cost(model, shapes)
+    macs = {n.name: n.macs for n in cost.nodes}
+    types = _elem_types(model)
+    cache = None if cache_dir is False else Path(cache_dir or default_cache_dir()) / target.key
+    kw = dict(backend=target.runtime, device=device, threads=target.threads)
+    wanted = [g for g in graph.groups if not g.frozen and (groups is None or g.id in groups)]
+    known = known_multiple(target)
+    curves: dict[str, GroupCurve] = {}
+    memo: dict[str, dict] = {}
+    for g in tqdm(wanted, desc="latency table", unit="group", disable=not show,
+                  file=sys.stderr, dynamic_ncols=True, leave=False):
+        key = group_key(g)
+        cpu = channels_per_unit(g)
+        widths, probes = ladder(g.size, cpu)
+        nodes = {n: macs.get(n, 0) for n in {*g.producers, *g.consumers}}
+        total = sum(nodes.values())
+        shares = {n: v / total for n, v in sorted(nodes.items()) if v} if total else {}
+        sub = extract_group(model, graph, g, types)
+        if sub is None:
+            continue
+        sig = _signature(sub, f"{widths} {cpu}")
+        entry = memo.get(sig) or _cached(cache, sig)
+        if entry is None:
+            entry = _time_widths(sub, g, widths, measure, timing, kw)
+            if entry is None:
+                continue
+            if cache is not None:
+                _atomic_json(cache / f"{sig}.json", entry)
+        memo[sig] = entry
+        points = {int(w): float(t) for w, t in entry["points"].items()}
+        step = max(stair_step(points, probes, cpu, g.size), units_for(known, cpu))
+        curves[key] = GroupCurve(key, g.size, cpu, step if step < g.size else g.size, points,
+                                 shares)
+        if progress:
+            c = curves[key]
+            progress(f"latency table: group {g.id} ({g.size} units): step {c.multiple}, "
+                     f"{c.points[g.size]:.3f} ms at full width")
+    table = LatencyTable(target, 0.0, curves, 0.0, known, model_signature(model))
+    fit_scale(table, model, graph, feed, measure, kw, progress)
+    table.seconds = time.perf_counter() - t0
+    return table
+
+
+PROBE_WIDTHS = (0.75, 0.5, 0.25)  # whole-model checks: every measured group cut to these fractions
+
+
+def fit_scale(table: LatencyTable, model, graph, feed, measure, kw, progress=None) -> None:
+    """Time the model and ``PROBE_WIDTHS`` copies of it (every measured group at that
+    fraction of its width, on its stair) in turns, and set ``table.model_ms``, the scale
+    ``k`` that best maps the sub-graphs' savings ``S`` onto the measured ones
+    (``k = sum S_i (M - P_i) / sum S_i^2``) and the knots of ``f`` (module docstring).
+    Sub-graphs timed alone miss the layout changes and cache effects of their neighbours,
+    so the mapping is measured, not assumed."""
+    from idap_onnx.passes.prune_channels import prune_channels
+
+    models, widths = {"model": model}, {}
+    for f in PROBE_WIDTHS:
+        removal, w = {}, {}
+        for g in graph.groups:
+            c = table.groups.get(group_key(g))
+            if c is None:
+                continue
+            keep = c.snap(int(g.size * f))
+            cut = min(g.size - keep, len(g.prunable_units))
+            if cut > 0:
+                removal[g.id] = g.prunable_units[len(g.prunable_units) - cut:]
+                w[c.key] = g.size - cut
+        if removal:
+            models[f"probe {f:g}"] = prune_channels(model, removal, graph=graph)
+            widths[f"probe {f:g}"] = w
+    report = measure(models, feed, rounds=5, per_round=10, warmup=3, max_seconds=30, **kw)
+    m = report.timings["model"].median_ms
+    table.model_ms = m
+    saved = {name: table.savings(w) for name, w in widths.items()}
+    den = sum(v * v for v in saved.values())
+    num = sum(v * (m - report.timings[name].median_ms) for name, v in saved.items())
+    table.scale = float(np.clip(num / den, 0.05, 2.0)) if den > 0 else 1.0
+    knots = sorted((saved[name], m - report.timings[name].median_ms) for name in widths)
+    best = 0.0
+    table.calibration = []
+    for s, d in knots:  # non-decreasing, and at least 5 % of S (the floor of ``k``)
+        best = max(best, d, 0.05 * s)
+        if s > 0:
+            table.calibration.append([round(float(s), 6), round(float(best), 6)])
+    table.probes = [
+        {"probe": name, "measured_ms": report.timings[name].median_ms,
+         "predicted_ms": round(m - table.measured_saving(saved[name]), 4),
+         "scale_only_ms": round(m - table.scale * saved[name], 4)}
+        for name in widths
+    ]
+    if progress:
+        progress(f"latency table: model {m:.3f} ms, scale {table.scale:.3f} "
+                 + ", ".join(f"{p['probe']} {p['measured_ms']:.3f} ms measured, "
+                             f"{p['predicted_ms']:.3f} predicted" for p in table.probes))
+
+
+def _time_widths(sub, group, widths, measure, timing, kw):
+    """{'points': {width: ms}} of ``sub`` with ``group`` pruned to each width, timed in turns."""
+    from idap_onnx.dependency import analyze_model
+    from idap_onnx.passes.prune_channels import prune_channels
+
+    try:
+        sg = analyze_model(sub)
+    except Exception:  # noqa: BLE001 (a sub-graph the analysis cannot read: no curve)
+        return None
+    match = [h for h in sg.groups if set(group.producers) <= set(h.producers)
+             and set(h.consumers) == set(group.consumers) and h.size == group.size]
+    if not match or match[0].frozen:
+        return None
+    h = match[0]
+    prunable = h.prunable_units
+    models = {}
+    for w in widths:
+        cut = h.size - w
+        if cut > len(prunable):
+            continue
+        models[str(w)] = sub if cut == 0 else prune_channels(
+            sub, {h.id: sorted(prunable[len(prunable) - cut:])}, graph=sg)
+    if str(group.size) not in models:
+        return None
+    report = measure(models, _feed(sub), rounds=timing.rounds, per_round=timing.per_round,
+                     warmup=timing.warmup, max_seconds=timing.max_seconds, **kw)
+    return {"points": {w: t.median_ms for w, t in report.timings.items()}}
+
+
+def _cached(cache: Path | None, sig: str) -> dict | None:
+    if cache is None:
+        return None
+    try:
+        return json.loads((cache / f"{sig}.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _atomic_json(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
