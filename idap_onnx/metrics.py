@@ -25,7 +25,10 @@ The arg-max is taken over the last axis, so ``[N, C]`` logits give one predictio
 * ``top1`` / ``agreement`` / ``cosine``: percentage points lost, ``(m0 - m) * 100``
 * ``rel-l2``: the candidate's relative error itself (the original's is 0)
 * a callable metric: ``m0 - m`` in the callable's own units (``m - m0`` when
-  ``higher_is_better=False``)
+  ``higher_is_better=False``, or when the function carries ``higher_is_better = False``)
+
+:func:`load_metric` reads a user metric named ``module:function`` (an importable module, or a
+``path/to/file.py``), as ``optimize --metric`` takes it.
 
 A candidate whose metric is not finite, or whose judged output holds NaN/inf where the original's
 does not, has an infinite drop.
@@ -49,6 +52,7 @@ __all__ = [
     "MetricFn",
     "agreement",
     "cosine",
+    "load_metric",
     "looks_like_logits",
     "per_sample",
     "rel_l2",
@@ -248,7 +252,8 @@ class Evaluator:
         metric: ``"top1"``, ``"agreement"``, ``"rel-l2"``, ``"cosine"`` or a callable
             ``(outputs, ref_outputs, labels) -> float`` where ``outputs[k]`` is graph output
             ``k`` with the batches concatenated along axis 0.
-        higher_is_better: Only for a callable metric (built-ins know their direction).
+        higher_is_better: Only for a callable metric (built-ins know their direction); the
+            function's own ``higher_is_better`` attribute, where it has one, wins.
         threads: ONNX Runtime intra-op threads (0: its default).
 
     Raises:
@@ -276,7 +281,7 @@ class Evaluator:
         if callable(metric):
             self.metric_name = getattr(metric, "__name__", "custom")
             self._fn: MetricFn | None = metric
-            self.higher_is_better = bool(higher_is_better)
+            self.higher_is_better = bool(getattr(metric, "higher_is_better", higher_is_better))
         elif metric in METRICS:
             self.metric_name = str(metric)
             self._fn = None
@@ -415,3 +420,44 @@ class Evaluator:
         else:
             value = cosine(y, y0)
         return Evaluation(metric=value, rel_error=rel, agreement=agree)
+
+
+def load_metric(spec: str) -> MetricFn:
+    """The function ``spec`` names, ``module:function`` or ``path/to/file.py:function``.
+
+    Raises:
+        UsageError: ``spec`` is not of that form, the module cannot be imported, or it has no
+            callable of that name (one line, naming what to fix).
+    """
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from idap_onnx.errors import UsageError
+
+    module_name, sep, name = spec.rpartition(":")
+    if not sep or not module_name or not name.isidentifier():
+        raise UsageError(f"--metric {spec!r}: give a built-in ({', '.join(METRICS)}) or "
+                         "module:function (a module on the path, or file.py:function)")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise UsageError(f"--metric {spec!r}: {path} does not exist")
+            loaded = importlib.util.spec_from_file_location(f"idap_metric_{path.stem}", path)
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))
+            module = importlib.import_module(module_name)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (any import failure is the user's module's)
+        raise UsageError(f"--metric {spec!r}: cannot import {module_name} "
+                         f"({type(exc).__name__}: {exc})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UsageError(f"--metric {spec!r}: {module_name} has no function {name!r}")
+    return fn

@@ -27,7 +27,7 @@ from idap_onnx.calib.stats import collect, plan_probes
 from idap_onnx.dependency import analyze_model
 from idap_onnx.deploy.latency import LatencyUnavailable, backend_available, example_feed, measure
 from idap_onnx.errors import UsageError
-from idap_onnx.metrics import Evaluator
+from idap_onnx.metrics import Evaluator, load_metric
 from idap_onnx.model_io import load_model, save_model
 from idap_onnx.optimize import OptimizeConfig, OptimizeResult, optimize
 from idap_onnx.optimize_report import render_markdown, write_plots
@@ -105,6 +105,8 @@ def prepare(
     require(cal, batch_size, "one batch", fix=f"--batch-size {len(cal)}")
     if metric == "auto":
         metric = "top1" if labels is not None else "rel-l2"
+    elif isinstance(metric, str) and ":" in metric:
+        metric = load_metric(metric)
     evaluator = Evaluator(
         model, list(batches(val, batch_size)), labels=_labels_for(labels, val), metric=metric
     )

@@ -90,6 +90,12 @@ def test_the_kept_width_is_the_top_of_its_stair():
     assert curve.saving_per_unit(64) == pytest.approx(3.0 / 48)
 
 
+def test_a_narrower_stair_top_that_timed_slower_counts_as_noise():
+    curve = GroupCurve("k", 64, 1, 16, {16: 2.0, 32: 1.5, 48: 3.0, 64: 4.0})
+    assert curve.time(16) == pytest.approx(1.5)  # never above a wider stair top's time
+    assert curve.time(64) == pytest.approx(4.0)
+
+
 def test_the_planner_keeps_widths_on_each_groups_stair(digits):
     path, _, _ = digits
     from idap_onnx.model_io import load_model
@@ -187,7 +193,7 @@ def test_a_table_predicts_the_measured_model_at_full_width(digits_table, digits)
             assert curve.points[g.size] > 0
     smaller = table.predict(graph, {g.id: g.prunable_units[-16:] for g in graph.groups
                                     if not g.frozen})
-    assert smaller < table.model_ms  # fewer channels: a saving, never a cost
+    assert smaller <= table.model_ms  # fewer channels on the stairs: never a cost
 
 
 def test_the_whole_model_saving_follows_the_probes_and_extends_with_the_scale():

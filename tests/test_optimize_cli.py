@@ -257,3 +257,81 @@ def test_the_report_flags_layers_cut_below_a_quarter_of_their_width(digits_dir, 
     assert md.count("(stripped) |") == len(stripped)
     report, _ = run("--no-coherence")
     assert report["settings"]["coherence"] is False
+
+
+METRIC_MODULE = '''
+import numpy as np
+
+
+def digit_accuracy(outputs, ref_outputs, labels):
+    """Top-1 in [0, 1] of the candidate's logits against the true digits."""
+    return float(np.mean(outputs[0].argmax(axis=1) == labels))
+
+
+def logit_gap(outputs, ref_outputs, labels):
+    """Mean absolute logit change: lower is better."""
+    return float(np.mean(np.abs(outputs[0] - ref_outputs[0])))
+
+
+logit_gap.higher_is_better = False
+'''
+
+
+def test_a_metric_of_your_own_budgets_the_run(digits_dir, tmp_path):
+    """--metric file.py:function: the budget is that function on the validation part, in its
+    own units (here a top-1 in [0, 1], so --max-drop 0.01 is one point)."""
+    metric = tmp_path / "my_metric.py"
+    metric.write_text(METRIC_MODULE)
+    out = tmp_path / "m.onnx"
+    argv = [*_base(digits_dir), "--metric", f"{metric}:digit_accuracy", "--max-drop", "0.01",
+            "--no-refit", "--stages", "1", "--target-flops", "0.7", "--latency", "off",
+            "-o", str(out)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "m.report.json").read_text())
+    assert report["metric"] == "digit_accuracy"
+    assert report["original"]["metric"] - report["final"]["metric"] <= 0.01 + 1e-9
+    assert report["final"]["macs"] < report["original"]["macs"]
+
+
+def test_a_lower_is_better_metric_is_judged_upwards(digits_dir, tmp_path):
+    """A function with ``higher_is_better = False`` counts a rise as the drop."""
+    import onnx
+    from onnx import numpy_helper
+
+    from idap_onnx.metrics import Evaluator, load_metric
+
+    (tmp_path / "my_metric.py").write_text(METRIC_MODULE)
+    fn = load_metric(f"{tmp_path / 'my_metric.py'}:logit_gap")
+    x = np.load(digits_dir / "x_train.npz")
+    model = onnx.load(digits_dir / "digits.onnx")
+    ev = Evaluator(model, _first_input(model, x), metric=fn)
+    assert ev.metric_name == "logit_gap" and not ev.higher_is_better
+    assert ev.drop(ev.evaluate(model)) == 0.0
+    w = model.graph.initializer[0]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.5, w.name))
+    assert ev.drop(ev.evaluate(model)) > 0  # the logits moved: the gap rose
+
+
+def _first_input(model, npz):
+    return {model.graph.input[0].name: npz[npz.files[0]][:32]}
+
+
+@pytest.mark.parametrize(
+    ("spec", "extra", "message"),
+    [
+        ("nosuchmodule_xyz:f", ["--max-drop", "1"], "cannot import nosuchmodule_xyz"),
+        ("{tmp}/absent.py:f", ["--max-drop", "1"], "absent.py does not exist"),
+        ("{tmp}/my_metric.py:nothere", ["--max-drop", "1"], "has no function 'nothere'"),
+        ("{tmp}/my_metric.py:digit_accuracy", [], "needs --max-drop D"),
+        ("accuracy", ["--max-drop", "1"], "give a built-in"),
+    ],
+)
+def test_a_bad_metric_is_one_line_and_exit_1(digits_dir, tmp_path, capsys, spec, extra,
+                                              message):
+    (tmp_path / "my_metric.py").write_text(METRIC_MODULE)
+    argv = [*_base(digits_dir), "--metric", spec.format(tmp=tmp_path), *extra,
+            "-o", str(tmp_path / "never.onnx")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("idap-onnx: error: --metric") and message in err[-1]
+    assert not (tmp_path / "never.onnx").exists()

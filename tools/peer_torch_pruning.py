@@ -77,8 +77,9 @@ def _export(net, shape) -> object:
         return onnx.load(str(path))
 
 
-def pruned(net, shape, ratio: float):
-    """``net`` deep-copied and pruned by Torch-Pruning at channel ratio ``ratio``."""
+def pruned(net, shape, ratio: float, round_to: int | None = None):
+    """``net`` deep-copied and pruned by Torch-Pruning at channel ratio ``ratio`` (widths
+    rounded to multiples of ``round_to`` where given, Torch-Pruning's own option)."""
     import torch
     import torch_pruning as tp
 
@@ -86,7 +87,7 @@ def pruned(net, shape, ratio: float):
     last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
     pruner = tp.pruner.MetaPruner(
         net, torch.zeros(1, *shape), importance=tp.importance.GroupMagnitudeImportance(p=2),
-        global_pruning=True, pruning_ratio=ratio, ignored_layers=[last],
+        global_pruning=True, pruning_ratio=ratio, ignored_layers=[last], round_to=round_to,
     )
     pruner.step()
     return net.eval()

@@ -51,9 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--metric",
         default="auto",
-        choices=("auto", "top1", "agreement", "rel-l2", "cosine"),
+        metavar="{auto,top1,agreement,rel-l2,cosine,MODULE:FUNCTION}",
         help="what the budget measures on the validation part: auto = top1 with "
-        "--labels, else rel-l2 (default: auto)",
+        "--labels, else rel-l2 (default: auto); or your own function, MODULE:FUNCTION or "
+        "file.py:FUNCTION, called as f(outputs, ref_outputs, labels) -> float (higher is "
+        "better unless it sets f.higher_is_better = False; needs --max-drop in its units)",
     )
     data.add_argument(
         "--max-drop",
@@ -393,6 +395,19 @@ def check_generated_inputs(model: str, data) -> None:
     random_shapes(specs, data.seq_len, data.input_shapes)
 
 
+def _check_metric(args: argparse.Namespace) -> None:
+    """A built-in metric name, or MODULE:FUNCTION that imports, with --max-drop."""
+    from idap_onnx.errors import UsageError
+    from idap_onnx.metrics import METRICS, load_metric
+
+    if args.metric == "auto" or args.metric in METRICS:
+        return
+    load_metric(args.metric)  # a one-line UsageError when it does not import
+    if args.max_drop is None:
+        raise UsageError(f"--metric {args.metric} needs --max-drop D: the budget in the "
+                         "metric's own units")
+
+
 def generated_data_warning(args: argparse.Namespace, config) -> str:
     """The one warning of a run without ``--calib``: both assumptions (generated inputs, a
     budget on the output error) and how to pass real data."""
@@ -422,6 +437,7 @@ def run(args: argparse.Namespace) -> None:
     apply_config(args)
     config = _config(args)
     config.check()
+    _check_metric(args)
     if args.require_faster and (config.latency == "off" or args.dry_run):
         raise UsageError("--require-faster needs the latency measurement of a run "
                          "(not --latency off, not --dry-run)")

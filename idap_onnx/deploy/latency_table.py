@@ -172,9 +172,11 @@ class GroupCurve:
 
     def aligned(self) -> tuple[np.ndarray, np.ndarray]:
         """The measured points on the stair tops (multiples of ``multiple``, and the full
-        width), ascending."""
+        width), ascending, made non-decreasing in the width (``T(x_i) = min_{j>=i} T(x_j)``:
+        a narrower stair top that timed slower than a wider one is timing noise)."""
         xs = sorted(w for w in self.points if w % self.multiple == 0 or w == self.size)
-        return np.asarray(xs, dtype=np.float64), np.asarray([self.points[w] for w in xs])
+        ys = np.asarray([self.points[w] for w in xs], dtype=np.float64)
+        return np.asarray(xs, dtype=np.float64), np.minimum.accumulate(ys[::-1])[::-1]
 
     def time(self, width: float) -> float:
         """Predicted sub-graph time at ``width`` units (linear between stair tops; below the
