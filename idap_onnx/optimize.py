@@ -165,6 +165,11 @@ class OptimizeResult:
     latency_plan: dict | None = None
     predicted_ms: float | None = None
     table: object | None = None
+    # Why stage 1 stopped, in words, and whether the MACs/params/latency targets were met
+    # (None without a target); ``target_note``: what to change when they were not.
+    stop: str = ""
+    targets_met: bool | None = None
+    target_note: str = ""
 
     def record(self, model: onnx.ModelProto) -> None:
         """Remember an accepted model, for stepping back when its export breaks the budget."""
@@ -188,6 +193,9 @@ class OptimizeResult:
             "essential_blocks": self.essential_blocks,
             "block_divergence": self.block_divergence,
             "kept": self.kept,
+            "stop": self.stop,
+            "targets_met": self.targets_met,
+            "target_note": self.target_note,
             "seconds": round(self.seconds, 3),
             "latency": self.latency,
             "export": self.export,
@@ -320,8 +328,39 @@ def optimize(
     }
     result.kept = _kept_counts(model, current)
     result.latency_plan = lat.to_dict(result.predicted_ms)
+    _judge_targets(result, cost, cost0, targets, config)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _judge_targets(result: OptimizeResult, cost, cost0, targets, config: OptimizeConfig) -> None:
+    """Set ``targets_met`` and, when a target was missed, ``target_note``: what was reached,
+    why stage 1 stopped and which setting to change."""
+    target_macs, target_params, target_ms = targets
+    if target_macs is None and target_params is None and target_ms is None:
+        return
+    result.targets_met = _met(cost, targets, result.predicted_ms)
+    if result.targets_met:
+        return
+    got = []
+    if target_macs is not None:
+        got.append(f"MACs {cost.macs / max(cost0.macs, 1):.1%} of the original "
+                   f"(target {target_macs / max(cost0.macs, 1):.1%})")
+    if target_params is not None:
+        got.append(f"params {cost.params / max(cost0.params, 1):.1%} "
+                   f"(target {target_params / max(cost0.params, 1):.1%})")
+    if target_ms is not None and result.predicted_ms is not None:
+        got.append(f"predicted {result.predicted_ms:.3f} ms (target {target_ms:.3f} ms)")
+    hint = {
+        "steps": f"raise --p0 ({config.p0:g}) or --steps ({config.steps}) to remove more "
+                 "per run",
+        "budget": "the accuracy budget binds: loosen --max-drop/--max-error, or recover "
+                  "more (--finetune)",
+        "nothing left": "no prunable unit is left: `idap-onnx inspect` lists the frozen "
+                        "groups and why",
+    }.get(result.stop.split(":")[0], "")
+    result.target_note = (f"target not met: {', '.join(got)}; stage 1 stopped on "
+                          f"{result.stop or 'no stage 1'}" + (f"; {hint}" if hint else ""))
 
 
 def _within(evaluation, evaluator: Evaluator, budget: tuple[str, float]) -> tuple[bool, float]:
@@ -389,6 +428,7 @@ def _stage1(
             graph = analyze_model(current, shapes)
             result.predicted_ms = lat.predict(graph)
         if _met(cost, targets, result.predicted_ms):
+            result.stop = "target met"
             break
         stats = collect(
             current, plan_probes(graph, scores=(config.score,)), calib, device=config.device
@@ -406,6 +446,7 @@ def _stage1(
             removal = _plan(graph, scores, config, fraction, cost, targets, lat)
             if not removal:
                 say(f"stage 1 step {t}: nothing left to remove")
+                result.stop = "nothing left: no prunable unit within the constraints"
                 return current, cost
             candidate, refit_info = _prune(current, graph, removal, stats, config, shapes,
                                            refit_calib or calib, cache)
@@ -448,11 +489,16 @@ def _stage1(
             fraction /= 2
         if not accepted:
             say("stage 1: budget reached (retries exhausted)")
+            result.stop = f"budget: step {t} broke it {config.retries + 1} times"
             break
         if targets[2] is not None and not timed:
             say("stage 1: what is left to prune has no measured saving in the latency table; "
                 f"stopping at {result.predicted_ms:.3f} ms predicted (target {targets[2]:.3f} ms)")
+            result.stop = "no measured saving: the table saw no time saved in what is left"
             break
+    else:
+        result.stop = ("target met" if _met(cost, targets, result.predicted_ms)
+                       else f"steps: all {steps} steps ran")
     return current, cost
 
 

@@ -27,6 +27,8 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         f"- {report['metric']}: {o['metric']:.4f} -> {f['metric']:.4f} "
         f"(drop {f['drop']:.4f}, relative output error {f['error']:.4f})",
         _recovery_line(report),
+        *([f"- **{report['target_note']}**"] if report.get("target_note") else []),
+        f"- stage 1 stopped on: {report.get('stop') or 'no stage 1'}",
         "",
         "## Settings",
         "",

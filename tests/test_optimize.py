@@ -137,3 +137,24 @@ def test_a_slower_result_is_said_plainly_with_what_to_try():
     faster = {"device": "cpu", "speedup": {"original": 1.0, "optimized": 1.4}}
     assert slower_hint(faster, round_to=1) is None
     assert slower_hint(None, round_to=1) is None
+
+
+def test_a_missed_target_says_why_stage_one_stopped_and_what_to_change(digits, tmp_path):
+    """Two small steps cannot reach 20 % of the MACs: the result says so, with the setting
+    to raise, in the result, report.json and report.md; a reached target says that too."""
+    x, y = digits.train
+    short = OptimizeConfig(target_flops=0.2, max_drop=100, stages=(1,), steps=2, p0=0.05,
+                           refit=False, latency="off")
+    result = run_optimize(str(digits.model_path), _samples(x), short, labels=y,
+                          val_fraction=0.3)
+    assert result.targets_met is False and result.stop == "steps: all 2 steps ran"
+    assert result.target_note.startswith("target not met: MACs ")
+    assert "raise --p0 (0.05) or --steps (2)" in result.target_note
+    paths = write_outputs(result, tmp_path / "short.onnx")
+    assert "**target not met" in paths["markdown"].read_text()
+    reached = run_optimize(str(digits.model_path), _samples(x),
+                           OptimizeConfig(target_flops=0.9, max_drop=100, stages=(1,),
+                                          refit=False, latency="off"),
+                           labels=y, val_fraction=0.3)
+    assert reached.targets_met is True and reached.stop == "target met"
+    assert reached.target_note == ""

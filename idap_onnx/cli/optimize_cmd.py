@@ -519,6 +519,8 @@ def run(args: argparse.Namespace) -> None:
         f"{result.metric_name}: {o['metric']:.4f} -> {f['metric']:.4f} "
         f"(drop {f['drop']:.4f}); blocks removed: {len(result.removed_blocks)}"
     )
+    if result.target_note:
+        print(result.target_note)
     if result.latency:
         lat = result.latency
         t0, t1 = lat["timings"]["original"], lat["timings"]["optimized"]
