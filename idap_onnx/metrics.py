@@ -36,6 +36,7 @@ does not, has an infinite drop.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -422,8 +423,11 @@ class Evaluator:
         return Evaluation(metric=value, rel_error=rel, agreement=agree)
 
 
+@functools.cache
 def load_metric(spec: str) -> MetricFn:
-    """The function ``spec`` names, ``module:function`` or ``path/to/file.py:function``.
+    """The function ``spec`` names, ``module:function`` or ``path/to/file.py:function``;
+    loaded once per process (as ``import`` caches modules: the CLI's early check and the run
+    share one load, and a ``file.py`` is executed once).
 
     Raises:
         UsageError: ``spec`` is not of that form, the module cannot be imported, or it has no

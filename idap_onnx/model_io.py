@@ -42,6 +42,7 @@ __all__ = [
     "offloaded",
     "save_model",
     "tensor_array",
+    "write_text_atomic",
     "write_variant",
 ]
 
@@ -419,6 +420,14 @@ def _check_destination(path: pathlib.Path, input_path: str | os.PathLike | None)
         raise UsageError(
             f"cannot save '{path}': directory '{path.parent}' does not exist; create it first"
         )
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> pathlib.Path:
+    """Write ``text`` (UTF-8) to ``path`` as ``_atomic_write`` does: a temporary file in the
+    same folder, fsynced, given the umask's permissions, then renamed into place."""
+    path = pathlib.Path(path)
+    _atomic_write(path, lambda file: file.write(text.encode("utf-8")))
     return path
 
 

@@ -421,15 +421,13 @@ def _stage1(
 
     cache = TargetCache() if config.refit else None  # each refit's result's targets, for the next
     steps = config.steps
-    graph = analyze_model(current, shapes)
-    result.predicted_ms = lat.predict(graph)
+    if lat.table is not None:  # then kept current by each accepted step's removal
+        result.predicted_ms = lat.predict(analyze_model(current, shapes))
     for t in range(steps):
-        if t:
-            graph = analyze_model(current, shapes)
-            result.predicted_ms = lat.predict(graph)
         if _met(cost, targets, result.predicted_ms):
             result.stop = "target met"
             break
+        graph = analyze_model(current, shapes)
         stats = collect(
             current, plan_probes(graph, scores=(config.score,)), calib, device=config.device
         )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from idap_onnx.dependency import analyze_model
 from idap_onnx.deploy.latency import LatencyUnavailable, backend_available, example_feed, measure
 from idap_onnx.errors import UsageError
 from idap_onnx.metrics import Evaluator, load_metric
-from idap_onnx.model_io import load_model, save_model
+from idap_onnx.model_io import load_model, save_model, write_text_atomic
 from idap_onnx.optimize import OptimizeConfig, OptimizeResult, optimize
 from idap_onnx.optimize_report import render_markdown, write_plots
 from idap_onnx.passes.prune_channels import prune_channels
@@ -278,17 +277,6 @@ def _first_samples(batches: list[dict], n: int) -> list[dict]:
     return out
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_outputs(
     result: OptimizeResult,
     output: str | os.PathLike,
@@ -315,10 +303,10 @@ def write_outputs(
         result.latency_plan["table"]["path"] = str(paths["latency_table"])
     report = result.to_dict()
     paths["json"] = report_dir / f"{stem}.report.json"
-    _atomic_text(paths["json"], json.dumps(report, indent=2, sort_keys=True))
+    write_text_atomic(paths["json"], json.dumps(report, indent=2, sort_keys=True))
     plots = write_plots(report, report_dir, stem)
     paths["markdown"] = report_dir / f"{stem}.report.md"
-    _atomic_text(paths["markdown"], render_markdown(report, plots))
+    write_text_atomic(paths["markdown"], render_markdown(report, plots))
     paths.update({k: report_dir / v for k, v in plots.items()})
     return paths
 

@@ -135,15 +135,15 @@ def find_param(method: str, task, target: float, macs0: int, log) -> float | Non
                 break
             macs = macs_of(m, task)
             best = n
-            if macs <= target * macs0 or macs >= macs_of(task.model, task):
+            if macs <= target * macs0 or macs >= macs0:
                 break
         return float(best)
     # Torch-Pruning with round_to=8 leaves a layer whole where its kept width would round to
     # 0, so its MACs rise again near ratio 1: its bisection stops at 0.85
     lo, hi = 0.0, 0.85 if method == "torch-pruning" else 0.95
-    top = compress(method, task, target, hi)
-    if macs_of(top, task) > target * macs0:
-        log(f"    {method}: knob {hi} keeps {macs_of(top, task) / macs0:.1%} of the MACs; "
+    top = macs_of(compress(method, task, target, hi), task)
+    if top > target * macs0:
+        log(f"    {method}: knob {hi} keeps {top / macs0:.1%} of the MACs; "
             "the target is out of its reach")
         return hi
     for _ in range(12):

@@ -11,7 +11,6 @@ import json
 import os
 import pathlib
 import sys
-import tempfile
 from collections.abc import Mapping
 
 from idap_onnx.errors import UsageError
@@ -257,18 +256,8 @@ def emit_report(args: argparse.Namespace, data: Mapping, text: str) -> None:
 
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:
-    """Write via a temporary file in the same folder, then ``os.replace`` it into place."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    """Write via a temporary file in the same folder, then rename it into place
+    (``model_io.write_text_atomic``)."""
+    from idap_onnx.model_io import write_text_atomic as write
+
+    write(path, text)

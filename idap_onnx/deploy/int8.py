@@ -161,11 +161,12 @@ def node_classes(model: onnx.ModelProto) -> dict[str, str]:
 
 def _has_vnni() -> bool:
     """Whether this x86 CPU has VNNI (ONNX Runtime advises 7-bit weights without it)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    from idap_onnx.deploy.latency_table import cpu_flags
+
+    flags = cpu_flags()
+    if not flags:
         return True
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8")) or "avx2" not in flags
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}) or "avx2" not in flags
 
 
 def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:

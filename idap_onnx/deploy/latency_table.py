@@ -42,7 +42,6 @@ import os
 import platform
 import re
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -119,7 +118,8 @@ def _gpu_name() -> str:
     return "GPU"
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``); empty where that cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -134,7 +134,7 @@ def known_multiple(target: Target) -> int:
     Runtime's CPU NCHWc block (16 with AVX-512, else 8); 32 for TensorRT INT8; 8 otherwise
     (fp16 tensor cores, cuDNN)."""
     if target.runtime == "onnxruntime" and target.provider == "CPUExecutionProvider":
-        return 16 if "avx512f" in _cpu_flags() else 8
+        return 16 if "avx512f" in cpu_flags() else 8
     return {"int8": 32}.get(target.precision, 8)
 
 
@@ -671,13 +671,7 @@ def _cached(cache: Path | None, sig: str) -> dict | None:
 
 
 def _atomic_json(path: Path, data: dict) -> Path:
+    from idap_onnx.model_io import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
