@@ -13,6 +13,7 @@ from idap_onnx.dependency import RESHAPE_DIM, SLICE, AnalysisContext
 from idap_onnx.graph import attr
 from idap_onnx.layout import Layout
 from idap_onnx.oprules.base import register
+from idap_onnx.oprules.shape_values import partial_value
 
 ZERO_PRESERVING = {
     "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Tanh", "Gelu", "Erf", "HardSwish", "Mish",
@@ -127,7 +128,9 @@ def couple_inputs(
 def _constant_chain(ctx: AnalysisContext, name: str, axis: int, mask: str, role: str) -> bool:
     """A per-channel constant reached through Reshape/Unsqueeze/Expand/Identity/Cast of an
     initializer (Paddle adds conv biases as ``Reshape(b, [1, C, 1, 1])``; a ViT class token is
-    ``Expand(cls, ...)``): record the edits that slice the source and rewrite the shape."""
+    ``Expand(cls, ...)``, its target shape often built at run time, where the channel entry
+    must be a known 1: ``shape_values``): record the edits that slice the source and rewrite
+    the shape."""
     node = ctx.index.producer.get(name)
     if node is None or ctx.rank(name) is None:
         return False
@@ -152,10 +155,16 @@ def _constant_chain(ctx: AnalysisContext, name: str, axis: int, mask: str, role:
     elif node.op_type == "Expand":
         inner = axis - (ctx.rank(name) - len(src_shape))
         target = ctx.const(node.input[1])
-        if inner < 0 or target is None:
+        runtime = target is None
+        if runtime:  # built at run time (``expand(n, -1, -1)``): its channel entry must be 1
+            target = partial_value(ctx, node.input[1])
+        if inner < 0 or target is None or len(target) > ctx.rank(name):
             return False
         k = axis - (ctx.rank(name) - len(target))
-        if 0 <= k < len(target) and int(target[k]) > 1:
+        entry = target[k] if k >= 0 else 1
+        if runtime and entry != 1:
+            return False
+        if not runtime and int(entry) > 1:
             ctx.edit(RESHAPE_DIM, node, mask, input=1, axis=k)
     elif node.op_type == "Reshape":
         shape = ctx.const(node.input[1])

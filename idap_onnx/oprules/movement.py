@@ -19,6 +19,7 @@ from idap_onnx.layout import Layout, block_rows, concat, merge_axes, split_axis
 from idap_onnx.oprules.base import register
 from idap_onnx.oprules.conv_gemm import embedding
 from idap_onnx.oprules.elementwise import couple_inputs, passthrough
+from idap_onnx.oprules.shape_values import partial_value
 
 
 def _axes(node: onnx.NodeProto, ctx: AnalysisContext, input_index: int) -> list[int] | None:
@@ -375,16 +376,17 @@ def _reshape_edit(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool
                 extra=(node.name,),
             )
         return True
-    if _channel_dim_of(ctx, piece.input[i]):
+    if _channel_dim_of(ctx, piece.input[i], int(axis - offsets[i])):
         return True
     ctx.decline(node, f"Reshape '{node.name}': channel dim computed at run time")
     return False
 
 
-def _channel_dim_of(ctx: AnalysisContext, name: str) -> bool:
-    """True when ``name`` is ``Shape(x)[a]`` (by Gather, or a one-entry Slice; optionally
-    Unsqueezed, Cast, divided or multiplied by a constant) with ``a`` the channel axis of
-    ``x``: it follows the pruning."""
+def _channel_dim_of(ctx: AnalysisContext, name: str, entry: int = 0) -> bool:
+    """True when entry ``entry`` of ``name`` is ``Shape(x)[a]`` (by Gather, or a Slice of the
+    shape: dynamo's ``Shape(q)[:-2]`` carries the batch and the heads; optionally Unsqueezed,
+    Cast, divided or multiplied by a constant) with ``a`` the channel axis of ``x``: it
+    follows the pruning."""
     node = ctx.index.producer.get(name)
     while node is not None and node.op_type in ("Unsqueeze", "Cast", "Div", "Mul", "Squeeze"):
         if node.op_type in ("Div", "Mul") and ctx.const(node.input[1]) is None:
@@ -399,13 +401,18 @@ def _channel_dim_of(ctx: AnalysisContext, name: str) -> bool:
     rank = ctx.rank(shape_node.input[0]) or 1
     if lay is None:
         return False
+    end = attr(shape_node, "end", None)
+    dims = list(range(rank))[int(attr(shape_node, "start", 0)):None if end is None else int(end)]
     if node.op_type == "Gather":
         index = ctx.const(node.input[1])
-        return index is not None and index.size == 1 and int(index.ravel()[0]) % rank == lay.axis
+        return (entry == 0 and index is not None and index.size == 1
+                and -len(dims) <= int(index.ravel()[0]) < len(dims)
+                and dims[int(index.ravel()[0])] == lay.axis)
     starts, ends = ctx.const(node.input[1]), ctx.const(node.input[2])
     if starts is None or ends is None:
         return False
-    return list(range(rank)[int(starts[0]) : int(ends[0])]) == [lay.axis]
+    picked = dims[int(starts[0]) : int(ends[0])]
+    return 0 <= entry < len(picked) and picked[entry] == lay.axis
 
 
 @register("Flatten")
@@ -601,7 +608,8 @@ def gather(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
 @register("Expand")
 def expand(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
     """Expand: broadcasts to a shape of higher or equal rank; the channel axis shifts right.
-    A constant target shape that spells the channel count is rewritten."""
+    A constant target shape that spells the channel count is rewritten; a target built at
+    run time passes when its channel entry is a 1 the graph spells (``shape_values``)."""
     lay = ctx.layout(node.input[0])
     rank, out_rank = ctx.rank(node.input[0]), ctx.rank(node.output[0])
     if lay is None or rank is None or out_rank is None:
@@ -609,11 +617,16 @@ def expand(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
     shift = out_rank - rank
     target = ctx.const(node.input[1])
     if target is None:
-        ctx.decline(node, f"Expand '{node.name}': target shape computed at run time")
-        return
-    k = lay.axis + shift - (out_rank - len(target))
-    if 0 <= k < len(target) and int(target[k]) > 1:
-        ctx.edit(RESHAPE_DIM, node, node.output[0], input=1, axis=k)
+        entries = partial_value(ctx, node.input[1])
+        k = None if entries is None else lay.axis + shift - (out_rank - len(entries))
+        if entries is None or (k is not None and 0 <= k < len(entries) and entries[k] != 1):
+            ctx.decline(node, f"Expand '{node.name}': target shape computed at run time, its "
+                        "channel entry not a constant 1")
+            return
+    else:
+        k = lay.axis + shift - (out_rank - len(target))
+        if 0 <= k < len(target) and int(target[k]) > 1:
+            ctx.edit(RESHAPE_DIM, node, node.output[0], input=1, axis=k)
     _moved(ctx, node, lay, {a: a + shift for a in range(rank)})
 
 

@@ -35,8 +35,11 @@ MERGE_SHAPES = {
 }
 
 
-def mha(split_shape: np.ndarray, merge_shape: np.ndarray, opset: int = 17):
-    """Multi-head self-attention on x [B,S,D] with H heads of HD channels."""
+def mha(split_shape: np.ndarray, merge_shape: np.ndarray, opset: int = 17, q_lines: str = "",
+        **inits):
+    """Multi-head self-attention on x [B,S,D] with H heads of HD channels; ``q_lines`` (ending
+    in ``qr = ...``) reshape the heads ``qt`` before the scores, with their ``inits``."""
+    q_final = "qr" if q_lines else "qt"
     return parse(
         f"""
         g (float[{B},{S},{D}] x) => (float[{B},{S},{D}] y) {{
@@ -50,7 +53,8 @@ def mha(split_shape: np.ndarray, merge_shape: np.ndarray, opset: int = 17):
             qt = Transpose<perm=[0,2,1,3]>(qh)
             kt = Transpose<perm=[0,2,3,1]>(kh)
             vt = Transpose<perm=[0,2,1,3]>(vh)
-            scores = MatMul(qt, kt)
+            {q_lines}
+            scores = MatMul({q_final}, kt)
             scaled = Div(scores, scale)
             probs = Softmax<axis=-1>(scaled)
             ctx = MatMul(probs, vt)
@@ -69,6 +73,7 @@ def mha(split_shape: np.ndarray, merge_shape: np.ndarray, opset: int = 17):
         split=split_shape,
         merge=merge_shape,
         scale=np.array(np.sqrt(HD), np.float32),
+        **inits,
     )
 
 
@@ -95,6 +100,26 @@ def test_attention_heads_rewrite_constant_shapes():
     pruned = assert_exact(model, {"k": [0, 2]})
     assert init(pruned, "qh:1").tolist() == [0, 0, 1, HD]
     assert init(pruned, "merged:1").tolist() == [0, 0, HD]
+
+
+def test_heads_flattened_and_restored_from_the_run_time_shape():
+    """dynamo's decomposed attention flattens Q to ``[B*H, S, HD]`` and restores it with
+    ``Concat(Shape(q)[:-2], Shape(q)[-2:-1], Shape(q)[-1:])``: the heads entry is read from
+    the pruned tensor itself, so whole heads still prune exactly."""
+    q_lines = """
+            qs = Shape(qt)
+            lead = Slice(qs, zero, minus2)
+            mid = Slice(qs, minus2, minus1)
+            last = Slice(qs, minus1, big)
+            flat_shape = Concat<axis=0>(minus1, mid, last)
+            qf = Reshape(qt, flat_shape)
+            back_shape = Concat<axis=0>(lead, mid, last)
+            qr = Reshape(qf, back_shape)"""
+    model = mha(SPLIT_SHAPES["constant heads"], MERGE_SHAPES["constant heads"], q_lines=q_lines,
+                zero=i64(0), minus2=i64(-2), minus1=i64(-1), big=i64(2**62))
+    assert group_of(analyze(model), "q").size == H
+    pruned = assert_exact(model, {"q": [1]})
+    assert init(pruned, "q:1").shape == (D, D - HD)
 
 
 def test_attention_output_projection_is_its_own_group():

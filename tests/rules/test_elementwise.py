@@ -354,3 +354,67 @@ def test_pow_square_is_exact():
 def test_pow_with_non_positive_exponent_is_not_exact(exponent):
     model = sandwich("t = Pow(a, e)", e=np.array(exponent, np.float32))
     assert not group_of(analyze(model), "a").exact
+
+
+# -- a class token expanded to the batch at run time -------------------------------------------
+
+# A ViT front: patches [1,6,4] -> tokens [1,4,6]; the class token [1,1,6] expanded to
+# [n,1,6] and put before them on the token axis; a position embedding; a head over the width.
+VIT_FRONT = """
+    g (float[1,3,4,4] x) => (float[1,5,5] y) {{
+        h = Conv<strides=[2,2]>(x, Wp)
+        f = Reshape(h, flat)
+        t = Transpose<perm=[0,2,1]>(f)
+        {target}
+        cls = Expand(class_token, target)
+        z = Concat<axis=1>(cls, t)
+        p = Add(z, pos)
+        y = MatMul(p, W2)
+    }}"""
+
+
+def vit_front(target: str, **inits):
+    return parse(VIT_FRONT.format(target=target), Wp=(6, 3, 2, 2), flat=np.array([1, 6, 4]),
+                 class_token=(1, 1, 6), pos=(1, 5, 6), W2=(6, 5), **inits)
+
+
+ONE = np.array([1], np.int64)
+DYNAMO_TARGET = """
+        n = Shape<start=0, end=1>(x)
+        target = Concat<axis=0>(n, one, one)"""
+# torch.onnx's legacy expand(n, -1, -1): Where(Equal(s, -1), ones, s) over s = [n, -1, -1]
+LEGACY_TARGET = """
+        xs = Shape(t)
+        n0 = Gather(xs, zero)
+        n = Unsqueeze(n0, zero1)
+        s0 = Concat<axis=0>(n, minus, minus)
+        s = Reshape(s0, minus)
+        ss = Shape(s)
+        ones = ConstantOfShape<value=int64[1] {1}>(ss)
+        neg = Mul(ones, minus)
+        eq = Equal(s, neg)
+        target = Where(eq, ones, s)"""
+
+
+@pytest.mark.parametrize("style", ["dynamo", "legacy"])
+def test_a_class_token_expanded_at_run_time_is_sliced_with_the_width(style):
+    """The target's channel entry is a 1 the graph spells (``shape_values``): the token
+    broadcasts its own width, so slicing it with the residual width is exact."""
+    if style == "dynamo":
+        model = vit_front(DYNAMO_TARGET, one=ONE)
+    else:
+        model = vit_front(LEGACY_TARGET, zero=np.array(0, np.int64), zero1=np.array([0]),
+                          minus=np.array([-1], np.int64))
+    group = group_of(analyze(model), "h")
+    assert not group.frozen, group.frozen_reasons
+    pruned = assert_exact(model, {"h": [1, 4]})
+    assert init(pruned, "cls:0").shape == (1, 1, 4)
+    assert init(pruned, "p:1").shape == (1, 5, 4)
+
+
+def test_a_run_time_target_that_spells_the_width_is_frozen():
+    """``expand(n, 1, 6)``: the 6 inside a run-time shape is not rewritten (yet), so the
+    width stays fixed, with a reason naming the token."""
+    model = vit_front(DYNAMO_TARGET.replace("one, one)", "one, six)"), one=ONE,
+                      six=np.array([6], np.int64))
+    assert_frozen(analyze(model), "h", "untracked 'cls'")

@@ -790,6 +790,26 @@ def test_expand_to_higher_rank_shifts_the_channel_axis():
     assert_exact(model, {"h": [0]})
 
 
+def test_expand_to_a_run_time_shape_with_a_unit_channel_entry_passes_channels():
+    """``expand(n, 1, h, w)`` built from the input's shape: the channel entry is a 1 the
+    graph spells, so the channels broadcast as they are."""
+    model = sandwich(
+        "p = GlobalAveragePool(a)\n s = Shape(x)\n n = Slice(s, zero, one)\n"
+        " hw = Slice(s, two, four)\n target = Concat<axis=0>(n, one, hw)\n t = Expand(p, target)",
+        zero=i64(0), one=i64(1), two=i64(2), four=i64(4),
+    )
+    assert_exact(model, {"a": [1]})
+
+
+def test_expand_to_a_run_time_shape_spelling_channels_declines():
+    model = sandwich(
+        "p = GlobalAveragePool(a)\n s = Shape(x)\n n = Slice(s, zero, one)\n"
+        " hw = Slice(s, two, four)\n target = Concat<axis=0>(n, four, hw)\n t = Expand(p, target)",
+        zero=i64(0), one=i64(1), two=i64(2), four=i64(4),
+    )
+    assert_declined(analyze(model), "t", "channel entry not a constant 1")
+
+
 def test_expand_with_channel_count_in_shape_is_rewritten():
     model = sandwich(
         "p = GlobalAveragePool(a)\n t = Expand(p, shape)",
