@@ -409,7 +409,8 @@ def collect(
         bar = tqdm(total=total, unit="sample", desc="calibrate")
     for feed in iterator:
         n = len(next(iter(feed.values())))
-        values = dict(zip(names, sess.run(names, dict(feed)), strict=True))
+        # ONNX Runtime reads an empty output list as "all outputs": an empty plan runs nothing
+        values = dict(zip(names, sess.run(names, dict(feed)), strict=True)) if names else {}
         _accumulate(stats, plan, values)
         stats.samples += n
         if bar is not None:

@@ -27,7 +27,7 @@ from idap_onnx.dependency import SLICE, DependencyGraph, analyze_model
 from idap_onnx.errors import UsageError
 from idap_onnx.graph import GraphIndex
 from idap_onnx.group_costs import group_macs, predict_macs, prunable_share
-from idap_onnx.model_io import assign_node_names, fold_constant_nodes, load_model
+from idap_onnx.model_io import load_model, normalized
 from idap_onnx.planner import SCORES, PlanConfig, plan_removal, weight_scores
 from idap_onnx.shapes import analysis_shapes, concrete_input_shapes
 from idap_onnx.verify import check_rewrite, random_feeds
@@ -457,9 +457,9 @@ def remove_blocks(
 
 def _load(model_or_path: ModelLike) -> tuple[onnx.ModelProto, ModelInfo]:
     if isinstance(model_or_path, onnx.ModelProto):
-        model, path = _copy(model_or_path), None
-        fold_constant_nodes(model.graph, ir_version=model.ir_version)
-        assign_node_names(model.graph)
+        model, path = normalized(model_or_path), None
+        if model is model_or_path:
+            model = _copy(model)  # the API's results never share the caller's proto
     else:
         model, path = load_model(model_or_path), os.fspath(model_or_path)
     return model, _model_info(model, path)

@@ -39,6 +39,7 @@ __all__ = [
     "load_model",
     "load_offloaded",
     "model_opset",
+    "normalized",
     "offloaded",
     "save_model",
     "tensor_array",
@@ -336,6 +337,23 @@ def assign_node_names(graph: onnx.GraphProto) -> int:
         used.add(candidate)
         renamed += 1
     return renamed
+
+
+def normalized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as :func:`load_model` leaves a file: ``Constant`` nodes folded into
+    initializers (:func:`fold_constant_nodes`) and every node named uniquely
+    (:func:`assign_node_names`). The model itself when it already is so, else a normalized copy:
+    the caller's proto (``onnx.load``, an exporter's output) is never edited."""
+    names = [node.name for node in model.graph.node]
+    foldable = any(node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS
+                   for node in model.graph.node)
+    if not foldable and all(names) and len(set(names)) == len(names):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    fold_constant_nodes(copy.graph, ir_version=copy.ir_version)
+    assign_node_names(copy.graph)
+    return copy
 
 
 def model_opset(model: onnx.ModelProto) -> int:

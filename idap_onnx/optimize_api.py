@@ -27,7 +27,7 @@ from idap_onnx.dependency import analyze_model
 from idap_onnx.deploy.latency import LatencyUnavailable, backend_available, example_feed, measure
 from idap_onnx.errors import UsageError
 from idap_onnx.metrics import Evaluator, load_metric
-from idap_onnx.model_io import load_model, save_model, write_text_atomic
+from idap_onnx.model_io import load_model, normalized, save_model, write_text_atomic
 from idap_onnx.optimize import OptimizeConfig, OptimizeResult, optimize
 from idap_onnx.optimize_report import render_markdown, write_plots
 from idap_onnx.passes.prune_channels import prune_channels
@@ -78,7 +78,8 @@ def prepare(
     """Load, split and batch; the evaluator judges on the validation part only."""
     data = data or DataOptions()
     model = (
-        model_or_path if isinstance(model_or_path, onnx.ModelProto) else load_model(model_or_path)
+        normalized(model_or_path) if isinstance(model_or_path, onnx.ModelProto)
+        else load_model(model_or_path)
     )
     ds = load_data(
         calib,
@@ -91,12 +92,13 @@ def prepare(
         input_shapes=data.input_shapes,
         warn_random=data.warn_random,
     )
+    custom = callable(metric) or (isinstance(metric, str) and ":" in metric)
     if isinstance(labels, (str, os.PathLike)):
-        labels = _read_labels(labels)
+        labels = _read_labels(labels, custom=custom)
     if labels is not None and len(labels) != len(ds):
         raise DataError(
-            f"labels have {len(labels)} entries but the data has {len(ds)} "
-            "samples; give one class index per sample, in order"
+            f"labels have {len(labels)} entries but the data has {len(ds)} samples; give one "
+            f"{'label' if custom else 'class index'} per sample, in order"
         )
     if val_fraction <= 0:
         raise UsageError("optimize needs a validation part for its budget: --val-fraction > 0")
@@ -112,25 +114,37 @@ def prepare(
     return Prepared(model, list(batches(cal, batch_size)), evaluator, ds.description)
 
 
-def _read_labels(path) -> np.ndarray:
+def _read_labels(path, *, custom: bool = False) -> np.ndarray:
+    """Class indices (int64, one per sample) from a .npy/.npz/.txt. With ``custom`` (a user
+    metric reads them, ``--metric module:function``) any dtype and per-sample shape is kept
+    (``[N, ...]``: rendered strings, boxes, regression targets), and a .txt gives one string
+    per line."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"labels file {path} does not exist")
+    what = ("labels, one per sample" if custom else
+            "class indices (labels of another kind need --metric MODULE:FUNCTION)")
     try:
         if path.suffix == ".npy":
             arr = np.load(path)
         elif path.suffix == ".npz":
             with np.load(path) as z:
                 arr = z[next(iter(z.files))]
+        elif custom:
+            arr = np.array(path.read_text(encoding="utf-8").splitlines())
         else:
             arr = np.loadtxt(path, dtype=np.int64)
     except Exception as exc:  # numpy raises several types for bad files
-        raise DataError(
-            f"cannot read labels {path}: {exc}; give a .npy/.npz/.txt of class indices"
-        ) from exc
-    arr = np.asarray(arr).reshape(-1)
+        raise DataError(f"cannot read labels {path}: {exc}; give a .npy/.npz/.txt of {what}"
+                        ) from exc
+    arr = np.asarray(arr)
+    if custom:
+        if arr.ndim == 0:
+            raise DataError(f"labels {path} hold one value; give {what}")
+        return arr
+    arr = arr.reshape(-1)
     if not np.issubdtype(arr.dtype, np.integer):
-        raise DataError(f"labels {path} hold {arr.dtype} values; give integer class indices")
+        raise DataError(f"labels {path} hold {arr.dtype} values; give integer {what}")
     return arr.astype(np.int64)
 
 

@@ -274,6 +274,14 @@ def logit_gap(outputs, ref_outputs, labels):
 
 
 logit_gap.higher_is_better = False
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def named_digit_accuracy(outputs, ref_outputs, labels):
+    """Top-1 against labels given as the digits' names (strings)."""
+    return float(np.mean([NAMES[int(k)] == name for k, name in
+                          zip(outputs[0].argmax(axis=1), labels, strict=True)]))
 '''
 
 
@@ -291,6 +299,27 @@ def test_a_metric_of_your_own_budgets_the_run(digits_dir, tmp_path):
     assert report["metric"] == "digit_accuracy"
     assert report["original"]["metric"] - report["final"]["metric"] <= 0.01 + 1e-9
     assert report["final"]["macs"] < report["original"]["macs"]
+
+
+def test_a_metric_of_your_own_reads_labels_of_any_kind(digits_dir, tmp_path, capsys):
+    """With --metric MODULE:FUNCTION the labels are whatever that function reads (here the
+    digits' names, one per line of a .txt); a built-in metric still wants class indices."""
+    metric = tmp_path / "my_metric.py"
+    metric.write_text(METRIC_MODULE)
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    y = np.load(digits_dir / "labels_train.npy")
+    (tmp_path / "names.txt").write_text("\n".join(names[k] for k in y) + "\n")
+    base = _base(digits_dir)[:4] + _base(digits_dir)[6:]  # without its --labels FILE
+    argv = [*base, "--labels", str(tmp_path / "names.txt"), "--max-drop", "0.01",
+            "--no-refit", "--stages", "1", "--target-flops", "0.7", "--latency", "off"]
+    out = tmp_path / "m.onnx"
+    assert main([*argv, "--metric", f"{metric}:named_digit_accuracy", "-o", str(out)]) == 0
+    report = json.loads((tmp_path / "m.report.json").read_text())
+    assert report["original"]["metric"] > 0.9  # the names line up with the samples
+    assert report["original"]["metric"] - report["final"]["metric"] <= 0.01 + 1e-9
+    capsys.readouterr()
+    assert main([*argv, "-o", str(tmp_path / "n.onnx")]) == 1
+    assert "of class indices (labels of another kind need --metric" in capsys.readouterr().err
 
 
 def test_a_lower_is_better_metric_is_judged_upwards(digits_dir, tmp_path):

@@ -438,6 +438,30 @@ def test_refit_of_a_3x3_consumer_solves_on_the_patches_under_its_kernel(padded):
     assert "too wide" in narrow[0].skipped
 
 
+def test_a_layer_with_too_few_rows_per_input_keeps_its_pruned_weights(padded, monkeypatch):
+    """The 3x3 consumer has 45 inputs (5 x 3 x 3 patches). Fitted on 50 rows it matches them
+    and little else: its error on held-out data is worse than plain pruning's. With two rows
+    per input required (``ROWS_PER_UNKNOWN``) it is skipped, with the reason, and keeps its
+    pruned weights."""
+    import idap_onnx.calib.refit as refit_module
+
+    calib = _images((32, 3, 8, 8), 4, seed=14)
+    held = _images((32, 3, 8, 8), 2, seed=15)
+    graph, _ = _means(padded, calib)
+    plain = prune_channels(padded, {_group_of(graph, STEM): [1, 2, 5]}, graph=graph)
+    details: list[LayerRefit] = []
+    kept = refit(padded, plain, calib, max_rows=50, details=details)
+    (info,) = details
+    assert not info.applied and info.rows == 50
+    assert info.skipped.startswith("too few rows: 50 for 45 inputs")
+    assert _err(kept, padded, held) == _err(plain, padded, held)
+    monkeypatch.setattr(refit_module, "ROWS_PER_UNKNOWN", 1)
+    overfit = refit(padded, plain, calib, max_rows=50)
+    print("held-out error: plain", _err(plain, padded, held), "fitted on 50 rows",
+          _err(overfit, padded, held))
+    assert _err(overfit, padded, held) > _err(plain, padded, held)
+
+
 @pytest.mark.parametrize(("k", "stride", "dilation", "pad"), [(3, 1, 1, 1), (3, 2, 1, 1),
                                                               (5, 2, 2, 2), (1, 2, 1, 1)])
 def test_patches_times_the_weight_give_the_conv_output(k, stride, dilation, pad):

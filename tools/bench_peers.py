@@ -2,8 +2,8 @@
 
 For each case (``tools/bench_quality.make_task``: the digits CNN, the depthwise/SE CNN on
 MNIST, MiniLM) and each MACs target (kept fractions, default 0.5 and 0.3: 50 % and 70 %
-removed), every method compresses the same model with the same calibration batches, without
-fine-tuning:
+removed), every method compresses the same model with the same calibration batches (and, with
+``--finetune EPOCHS``, each compressed CNN is then fine-tuned the same way: ``finetuned``):
 
 * ``idap-onnx``: ``optimize`` with its defaults (``idap`` score, mean compensation, the
   least-squares refit, ``--round-to auto``) at ``target_flops``, stage 1, with a budget only
@@ -49,16 +49,44 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-CASES = ("digits", "mnist_se", "minilm")
+CASES = ("digits", "mnist_se", "minilm", "resnet50", "mobilenet_v2")
+#: The zoo's torchvision nets (random weights, no task data): MACs and latency only, the
+#: output's relative error on generated images in the metric columns.
+LATENCY_CASES = ("resnet50", "mobilenet_v2")
+#: Cases whose models ``--finetune`` trains (MiniLM's round trip takes ~800 s a model on this
+#: machine, BENCHMARKS "Fine-tuning recovery": ten of them would take over two hours).
+FT_CASES = ("digits", "mnist_se")
 METHODS = ("idap-onnx", "onnxsim-magnitude", "onnxsim-wanda", "onnxsim-blocks", "torch-pruning")
-TWINS = ("digits", "mnist_se")  # cases with a torch module for Torch-Pruning
+TWINS = ("digits", "mnist_se", *LATENCY_CASES)  # cases with a torch module for Torch-Pruning
 LOOSE = 1e9  # a budget only the MACs target stops
 
 
 def task_of(case: str):
     from tools import bench_quality as bq
 
+    if case in LATENCY_CASES:
+        return latency_task(case)
     return bq.make_task(case, 16 if case != "minilm" else 8)
+
+
+def latency_task(case: str):
+    """The zoo's torchvision net (its seeded random weights) exported at 224 x 224 by the
+    exporter the Torch-Pruning rows use, with generated N(0, 1) images (32 calibration, 16
+    validation, 16 test, seeded): what each method's widths cost in latency at matched MACs."""
+    import numpy as np
+
+    from tools import bench_quality as bq
+    from tools import peer_torch_pruning as tpp
+
+    rng = np.random.default_rng(0)
+
+    def images(n: int):
+        return bq._batches({"input": rng.standard_normal((n, 3, 224, 224), np.float32)}, 8)
+
+    model = tpp._export(_twin(case)[0], (3, 224, 224), "input")
+    return bq.Task(case, model, images(32), images(16), images(16), "rel-l2",
+                   shapes={"input": [1, 3, 224, 224]},
+                   data="generated N(0,1) images; the zoo's random weights")
 
 
 def applies(method: str, case: str) -> bool:
@@ -96,8 +124,9 @@ def compress(method: str, task, target: float, param: float | None):
     from tools import peer_torch_pruning as tpp
 
     net, _ = _twin(task.name)
-    shape = tuple(task.shapes["x"][1:])
-    return tpp._export(tpp.pruned(net, shape, param, round_to=8), shape)
+    name, dims = next(iter(task.shapes.items()))
+    shape = tuple(dims[1:])
+    return tpp._export(tpp.pruned(net, shape, param, round_to=8), shape, name)
 
 
 _TWINS: dict = {}
@@ -107,7 +136,12 @@ def _twin(name: str):
     from tools import peer_torch_pruning as tpp
 
     if name not in _TWINS:
-        _TWINS[name] = tpp.twin(name)
+        if name in LATENCY_CASES:
+            from tools import zoo
+
+            _TWINS[name] = (zoo.torchvision_module(name), None)
+        else:
+            _TWINS[name] = tpp.twin(name)
     return _TWINS[name]
 
 
@@ -203,10 +237,27 @@ def timed_in_child(method: str, case: str, target: float, param, tmp: Path):
     return onnx.load(str(out)), json.loads(out.with_suffix(".json").read_text())
 
 
+def _samples(batches) -> list[dict]:
+    return [{k: v[i] for k, v in b.items()} for b in batches
+            for i in range(len(next(iter(b.values()))))]
+
+
+def finetuned(model, task, epochs: int):
+    """``model`` after the fine-tuning every method gets: ``idap_onnx.finetune`` distilling
+    from the original on the calibration samples, ``epochs`` epochs, the best state on the
+    validation part (top-1 with its labels); the model and the wall time."""
+    from idap_onnx.finetune import FinetuneConfig, finetune
+
+    result = finetune(model, task.model, _samples(task.calib), val=_samples(task.val),
+                      val_labels=task.val_labels,
+                      config=FinetuneConfig(epochs=epochs, device="cpu", seed=0))
+    return result.model, result.seconds
+
+
 # ------------------------------------------------------------------------------------ the table
 
 
-def run_case(case: str, targets, methods, tmp: Path, log) -> list[dict]:
+def run_case(case: str, targets, methods, tmp: Path, log, epochs: int = 0) -> list[dict]:
     from idap_onnx.accounting import model_cost
     from idap_onnx.deploy.latency import example_feed, measure
 
@@ -237,34 +288,74 @@ def run_case(case: str, targets, methods, tmp: Path, log) -> list[dict]:
                 **{f"speedup_b{b}": lat[b].speedup[name] for b in lat},
                 **cells.get(name, {}),
             }
+            if epochs and case in FT_CASES and name != "original":
+                tuned, row["ft_seconds"] = finetuned(model, task, epochs)
+                row["val_ft"] = val_ev.evaluate(tuned).metric
+                row["test_ft"] = test_ev.evaluate(tuned).metric
             rows.append(row)
-            log(f"  {name}: MACs {row['macs']:.1%}, test {row['test']:.4f}, "
-                f"b1 {row['speedup_b1']:.2f}x")
+            log(f"  {name}: MACs {row['macs']:.1%}, test {row['test']:.4f}"
+                + (f" (fine-tuned {row['test_ft']:.4f})" if "test_ft" in row else "")
+                + f", b1 {row['speedup_b1']:.2f}x")
     return rows
 
 
 def render(rows: list[dict], metric_of: dict[str, str]) -> str:
     out = []
     for case in dict.fromkeys(r["case"] for r in rows):
+        ft = any("test_ft" in r for r in rows if r["case"] == case)
         out.append(f"\n{case} ({metric_of[case]}):\n")
         out.append("| MACs target | method | MACs kept | params kept | val | test | "
-                   "batch 1 ms (speed-up) | batch 8 ms (speed-up) | compress s | peak MB | knob |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                   + ("test fine-tuned | " if ft else "")
+                   + "batch 1 ms (speed-up) | batch 8 ms (speed-up) | compress s | peak MB "
+                   "| knob |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ft else ""))
         for r in rows:
             if r["case"] != case:
                 continue
             knob = "" if r.get("param") is None else f"{r['param']:.4g}"
+            tuned = (f"{r['test_ft']:.4f} | " if "test_ft" in r else "- | ") if ft else ""
             out.append(
                 f"| {r['target']:.0%} | {r['method']} | {r['macs']:.1%} | {r['params']:.1%} | "
-                f"{r['val']:.4f} | {r['test']:.4f} | {r['ms_b1']:.3f} ({r['speedup_b1']:.2f}x) | "
+                f"{r['val']:.4f} | {r['test']:.4f} | {tuned}"
+                f"{r['ms_b1']:.3f} ({r['speedup_b1']:.2f}x) | "
                 f"{r['ms_b8']:.3f} ({r['speedup_b8']:.2f}x) | "
                 + (f"{r['seconds']:.1f} | {r['peak_mb']:.0f} | {knob} |" if "seconds" in r
                    else "- | - | - |"))
+        out += ["", *winners(rows, case)]
     return "\n".join(out)
 
 
+#: How close to the target a method's MACs must land to compete in a cell (a point).
+REACHED = 0.01
+
+
+def winners(rows: list[dict], case: str) -> list[str]:
+    """Per target, who leads among the methods that reached it (MACs kept at most the target
+    plus :data:`REACHED`): the best test metric (fine-tuned too, where run) for the task
+    cases; the fastest at batch 1 for the latency cases (their metric is only the output's
+    drift on generated images). A method that missed the target is named as such."""
+    lines = []
+    for target in dict.fromkeys(r["target"] for r in rows if r["case"] == case):
+        cell = [r for r in rows if r["case"] == case and r["target"] == target
+                and r["method"] != "original"]
+        reached = [r for r in cell if r["macs"] <= target + REACHED]
+        missed = ", ".join(f"{r['method']} ({r['macs']:.1%})" for r in cell if r not in reached)
+        keys = ([("speedup_b1", True, "batch-1 speed-up")] if case in LATENCY_CASES else
+                [("test", True, "test"), ("test_ft", True, "test fine-tuned")])
+        said = []
+        for key, higher, name in keys:
+            have = [r for r in reached if key in r]
+            if have:
+                best = (max if higher else min)(have, key=lambda r, k=key: r[k])
+                said.append(f"{name}: **{best['method']}** ({best[key]:.4g})")
+        lines.append(f"- {target:.0%} of the MACs: best {'; '.join(said) or 'none reached it'}"
+                     + (f"; missed the target: {missed}" if missed else ""))
+    return lines
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """Test metric against MACs kept, one line per method, one panel per case."""
+    """Test metric against MACs kept, one line per method, one panel per case (for the
+    latency cases: batch-1 speed-up against MACs kept)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,15 +364,22 @@ def plot(rows: list[dict], path: Path) -> None:
     cases = list(dict.fromkeys(r["case"] for r in rows))
     fig, axes = plt.subplots(1, len(cases), figsize=(4.5 * len(cases), 3.6), squeeze=False)
     for ax, case in zip(axes[0], cases, strict=True):
+        key = "speedup_b1" if case in LATENCY_CASES else "test"
         for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "original"):
-            pts = sorted((r["macs"], r["test"]) for r in rows
+            pts = sorted((r["macs"], r[key]) for r in rows
                          if r["case"] == case and r["method"] == method)
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=method,
                         color=f"C{METHODS.index(method)}")
-        orig = [r["test"] for r in rows if r["case"] == case and r["method"] == "original"]
+            tuned = sorted((r["macs"], r["test_ft"]) for r in rows if r["case"] == case
+                           and r["method"] == method and "test_ft" in r)
+            if tuned:
+                ax.plot(*zip(*tuned, strict=True), marker="s", ls="--", lw=1,
+                        label=f"{method}, fine-tuned", color=f"C{METHODS.index(method)}")
+        orig = [r[key] for r in rows if r["case"] == case and r["method"] == "original"]
         ax.axhline(orig[0], color="grey", ls=":", label="original")
-        ax.set(title=case, xlabel="MACs kept", ylabel="test metric")
+        ax.set(title=case, xlabel="MACs kept",
+               ylabel="speed-up, batch 1" if key == "speedup_b1" else "test metric")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -298,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.3],
                     help="MACs kept (0.5: half removed)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",
+                    help="also fine-tune every compressed model of the CNN cases the same way "
+                         f"({', '.join(FT_CASES)}; default 0: no fine-tuning)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--plot", help="write the metric-against-MACs plot here (PNG)")
     args = ap.parse_args(argv)
@@ -310,8 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, metric_of = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
-            metric_of[case] = "cosine to the original" if case == "minilm" else "top-1"
-            rows += run_case(case, args.targets, args.methods, Path(tmp), log)
+            metric_of[case] = ("cosine to the original" if case == "minilm" else
+                               "relative output error on generated images, random weights: "
+                               "for MACs and latency" if case in LATENCY_CASES else "top-1")
+            rows += run_case(case, args.targets, args.methods, Path(tmp), log, args.finetune)
     print(line())
     print(render(rows, metric_of))
     if args.json:

@@ -65,14 +65,14 @@ def twin(name: str):
     return net, task
 
 
-def _export(net, shape) -> object:
+def _export(net, shape, input_name: str = "x") -> object:
     import onnx
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"
-        torch.onnx.export(net, torch.zeros(1, *shape), str(path), input_names=["x"],
-                          output_names=["logits"], dynamic_axes={"x": {0: "n"}},
+        torch.onnx.export(net, torch.zeros(1, *shape), str(path), input_names=[input_name],
+                          output_names=["logits"], dynamic_axes={input_name: {0: "n"}},
                           opset_version=17, dynamo=False)
         return onnx.load(str(path))
 

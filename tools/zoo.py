@@ -532,14 +532,22 @@ def _export_inner(
             raise ValueError(f"unknown exporter {entry.exporter!r}")
 
 
-def _build_torchvision(entry: ZooEntry, out: Path) -> None:
+def torchvision_module(arch: str):
+    """The torch module a ``torchvision`` entry is exported from (seeded random weights, eval
+    mode): the twin a PyTorch-only peer prunes (``tools/bench_peers.py``)."""
     import torch
     import torchvision
 
     torch.manual_seed(SEED)
-    model = torchvision.models.get_model(entry.arch, weights=None, **_TV_KWARGS.get(entry.arch, {}))
+    model = torchvision.models.get_model(arch, weights=None, **_TV_KWARGS.get(arch, {}))
     _randomise_params(model)
-    model.eval()
+    return model.eval()
+
+
+def _build_torchvision(entry: ZooEntry, out: Path) -> None:
+    import torch
+
+    model = torchvision_module(entry.arch)
     shape = entry.input_shapes["input"]
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(SEED))
     _export(

@@ -46,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         default=None,
         help="class index per sample (.npy/.npz/.txt), aligned with --calib (needs it); "
-        "enables --max-drop with top-1 accuracy (default: none)",
+        "enables --max-drop with top-1 accuracy; with --metric MODULE:FUNCTION any label "
+        "per sample (e.g. a .npy of strings, or a .txt of one per line) that FUNCTION reads "
+        "(default: none)",
     )
     data.add_argument(
         "--metric",
@@ -79,8 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         type=float,
         default=None,
-        help="stop once FLOPs <= F: a kept fraction (<= 1) or a count "
-        "(default: none, go until the budget)",
+        help="stop once FLOPs <= F: a kept fraction (<= 1) or a count (default: none: "
+        "stage 1 runs its --steps, each step kept only within the budget)",
     )
     target.add_argument(
         "--target-params",
@@ -131,7 +133,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     plan.add_argument("--p0", type=float, default=0.05, help="first step fraction (0.05)")
     plan.add_argument("--alpha", type=float, default=1.5, help="schedule exponent (1.5)")
-    plan.add_argument("--steps", type=int, default=10, help="stage-1 iterations T (10)")
+    plan.add_argument("--steps", type=int, default=10,
+                      help="stage-1 iterations T (10); with a --target-* still unmet after "
+                      "them, up to T more along the same schedule")
     plan.add_argument(
         "--retries",
         type=int,
