@@ -54,8 +54,10 @@ def test_optimize_with_the_model_alone(name: str, tmp_path: Path, capsys) -> Non
     before = _sha(model)
     assert main(["optimize", str(model)]) == 0
     captured = capsys.readouterr()
-    warnings = [line for line in captured.err.splitlines() if "warning:" in line]
-    assert len(warnings) == 1 and warnings[0].startswith(WARNING), warnings
+    # the assumptions' warning, once (a result timed slower than the original adds its own
+    # warning, a measurement that can go either way on a loaded machine)
+    warnings = [line for line in captured.err.splitlines() if line.startswith(WARNING)]
+    assert len(warnings) == 1, captured.err
     for part in ("synthetic inputs", "relative output error", "0.05", "--calib DATA",
                  "--labels", "--max-drop"):
         assert part in warnings[0], part
