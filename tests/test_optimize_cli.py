@@ -205,6 +205,10 @@ def test_an_interrupted_run_leaves_no_output_and_exits_non_zero(digits_dir, tmp_
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ),
+        # A shell without job control starts background jobs (`.ci/run &`, nohup) with SIGINT
+        # ignored, and the child would inherit that and run on: give it the default, as a
+        # terminal's Ctrl-C would find it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 60
     while time.time() < deadline:  # wait for the first evaluated step
