@@ -385,6 +385,12 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _metric_name(case: str) -> str:
+    return ("cosine to the original" if case == "minilm" else
+            "relative output error on generated images, random weights: for MACs and latency"
+            if case in LATENCY_CASES else "top-1")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--one":
@@ -400,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also fine-tune every compressed model of the CNN cases the same way "
                          f"({', '.join(FT_CASES)}; default 0: no fine-tuning)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--keep", metavar="JSON",
+                    help="an earlier run's --json: its rows of the cases not run now join this "
+                         "run's table, JSON and plot (a rerun of one case keeps the others)")
     ap.add_argument("--plot", help="write the metric-against-MACs plot here (PNG)")
     args = ap.parse_args(argv)
 
@@ -408,15 +417,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from tools.machine import line
 
-    rows, metric_of = [], {}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
-            metric_of[case] = ("cosine to the original" if case == "minilm" else
-                               "relative output error on generated images, random weights: "
-                               "for MACs and latency" if case in LATENCY_CASES else "top-1")
             rows += run_case(case, args.targets, args.methods, Path(tmp), log, args.finetune)
+    if args.keep:
+        kept = [r for r in json.loads(Path(args.keep).read_text()) if r["case"] not in args.cases]
+        rows = sorted(kept + rows, key=lambda r: CASES.index(r["case"]))  # stable: order kept
     print(line())
-    print(render(rows, metric_of))
+    print(render(rows, {r["case"]: _metric_name(r["case"]) for r in rows}))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.plot:
