@@ -32,6 +32,7 @@ GROUP_ATTR = "group"  # set attribute group = kept(tensor) // per (extra[0])
 RESHAPE_DIM = "reshape"  # set shape[axis] of Reshape `node` to the tracked length of `tensor`
 SPLIT_SIZES = "split"  # set Split sizes to the kept lengths of the outputs in `extra`
 SLICE_BOUNDS = "slice_bounds"  # rewrite Slice start/end at position `axis` for kept elements
+PINNED = "pinned"  # in a RESHAPE_DIM's extra: the entry is a run-time piece, becomes a constant
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,11 @@ class AnalysisContext:
         self.consumers: dict[int, set[str]] = defaultdict(set)
         self.declined: dict[str, str] = {}
         self.fixed: dict[int, str] = {}  # union-find element -> why it cannot be removed
-        self.deferred: list[tuple[str, str, str]] = []
+        self.deferred: list[tuple[str, str, str, str]] = []
+        # (width tensor, Reshape) -> (entry -> "channel" | "head", every entry that reads the
+        # width): how a Reshape's own rule resolved the run-time reads of another tensor's
+        # channel count in its target (``movement._note_width_read``)
+        self.width_reads: dict[tuple[str, str], tuple[dict[int, str], frozenset[int]]] = {}
 
     # -- reading -----------------------------------------------------------------------------
     @property
@@ -219,25 +224,45 @@ class AnalysisContext:
         if nz.any():
             self.inexact(lay, f"{node.op_type} '{node.name}' reads non-zero removed channels", nz)
 
-    def same_channels_later(self, source: str, other: str, where: str) -> None:
+    def same_channels_later(self, source: str, other: str, where: str, reshape: str = "") -> None:
         """After the analysis, ``other`` must hold the same units as ``source`` element by
-        element (a shape read from one tensor spells the other's channel count)."""
-        self.deferred.append((source, other, where))
+        element (a shape read from one tensor spells the other's channel count), unless
+        Reshape ``reshape`` resolved every such read itself (``width_reads``)."""
+        self.deferred.append((source, other, where, reshape))
 
     def check_deferred(self) -> None:
-        for source, other, where in self.deferred:
-            a, b = self.layouts.get(source), self.layouts.get(other)
-            same = a is not None and b is not None and len(a) == len(b) and a.fold == b.fold
-            if same:
-                for e in range(len(a)):
-                    ids_a, ids_b = self._ids(a, e), self._ids(b, e)
-                    if not ids_a or not ids_b or self.uf.find(ids_a[0]) != self.uf.find(ids_b[0]):
-                        same = False
-                        break
-            if not same:
-                for lay in (a, b):
-                    if lay is not None:
-                        self.fix(lay, f"{where} is shaped by the channel count of '{source}'")
+        """Fix both tensors of each recorded pair that do not hold the same units, unless
+        the Reshape's rule resolved every read of ``source``'s width in its target
+        (``width_reads``): a channel entry rewritten to a constant is right either way; a
+        head size read from the width stays right while the width stays, so then only the
+        source is fixed, or both where they hold the same units (removing heads would change
+        the width it reads)."""
+        for source, other, where, reshape in self.deferred:
+            kinds, entries = self.width_reads.get((source, reshape), ({}, None))
+            resolved = entries is not None and entries <= set(kinds)
+            head = "head" in kinds.values()
+            same = self._same_units(source, other)
+            if (same and not (resolved and head)) or (resolved and not head):
+                continue
+            if resolved and not same:
+                self.fix(self.layouts[source], f"its width sets the head size of {where}")
+                continue
+            reason = (f"{where} reads its head size from the width it prunes" if same
+                      else f"{where} is shaped by the channel count of '{source}'")
+            for lay in (self.layouts.get(source), self.layouts.get(other)):
+                if lay is not None:
+                    self.fix(lay, reason)
+
+    def _same_units(self, source: str, other: str) -> bool:
+        """Whether ``source`` and ``other`` hold the same units element by element."""
+        a, b = self.layouts.get(source), self.layouts.get(other)
+        if a is None or b is None or len(a) != len(b) or a.fold != b.fold:
+            return False
+        for e in range(len(a)):
+            ids_a, ids_b = self._ids(a, e), self._ids(b, e)
+            if not ids_a or not ids_b or self.uf.find(ids_a[0]) != self.uf.find(ids_b[0]):
+                return False
+        return True
 
     def consume(self, node: onnx.NodeProto, lay: Layout) -> None:
         for s in lay.spaces():

@@ -111,11 +111,23 @@ def split_axis(lay: Layout, dims: list[int]) -> tuple[str, Layout, int] | None:
       space; the layout gets ``fold = k`` and the caller bundles each head into one unit;
     - ``"rows"``: any other ``[g, k]``: the k-axis is tracked with the layout of the first
       block, and the caller joins the g blocks element-wise (channel shuffle).
-    None when the split has more than two non-unit dims or the layout already holds heads.
+    - ``"packed"``: ``[g, heads, k]`` where each of the g blocks splits into heads as above (a
+      packed QKV projection, ``[3*E] -> [3, H, D]``): the heads axis is tracked with the first
+      block's heads (``fold = k``); the caller joins the g blocks element-wise, so head h of Q,
+      K and V is one unit, and bundles each head.
+    None when the split has more than three non-unit dims, three that are not packed heads, or
+    the layout already holds heads.
     """
     big = [i for i, d in enumerate(dims) if d != 1]
     if len(big) <= 1:
         return "same", lay, (big[0] if big else 0)
+    if len(big) == 3 and lay.fold == 1:
+        g, h, k = (dims[i] for i in big)
+        blocks = [split_axis(row, [h, k]) for row in block_rows(lay, g)]
+        if any(b is None or b[0] != "heads" for b in blocks):
+            return None
+        heads = blocks[0][1]
+        return "packed", Layout(0, heads.space, heads.chan, fold=k, inner=big[2]), big[1]
     if len(big) != 2 or lay.fold != 1:
         return None
     outer, inner = big

@@ -20,6 +20,7 @@ from onnx import numpy_helper
 
 from idap_onnx.dependency import (
     GROUP_ATTR,
+    PINNED,
     RESHAPE_DIM,
     SLICE,
     SLICE_BOUNDS,
@@ -196,7 +197,9 @@ def _apply(
     for edit in graph.edits:
         if zero and (edit.kind != SLICE or edit.role != "producer"):
             continue
-        if keep(edit.tensor).all() and edit.kind != SPLIT_SIZES:
+        # a pinned entry reads another width at run time, which may change even where its
+        # own tensor keeps every channel: it always becomes its constant
+        if keep(edit.tensor).all() and edit.kind != SPLIT_SIZES and PINNED not in edit.extra:
             continue
         _APPLY[edit.kind](edit, consts, keep, zero)
     consts.commit()
@@ -235,6 +238,9 @@ def _group_attr(edit: Edit, consts: _Constants, keep, zero: bool) -> None:
 
 def _reshape_dim(edit: Edit, consts: _Constants, keep, zero: bool) -> None:
     node = consts.unshare(edit.node, edit.extra[0]) if edit.extra else edit.node
+    if PINNED in edit.extra:  # a 1-entry piece read at run time: the kept count, constant
+        consts.set(node, edit.input, np.array([int(keep(edit.tensor).sum())], np.int64))
+        return
     shape = consts.get(node, edit.input).copy()
     flat = shape.reshape(-1)
     flat[edit.axis] = int(keep(edit.tensor).sum())

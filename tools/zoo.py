@@ -10,6 +10,9 @@ Families:
   entries use the ``torch.export``-based exporter at opset 18.
 * ``transformers``: tiny BERT / GPT-2 from small configs (eager attention unless the name says
   ``sdpa``), legacy exporter at opset 17 or dynamo at opset 18.
+* ``timm``: vision transformers and hybrid CNN-transformers from ``timm`` (``pretrained=False``:
+  nothing downloaded), legacy exporter at opset 17 or dynamo at opset 18: packed QKV
+  projections, class tokens, attention biases, patch unfold/fold, split attention.
 * ``rapidocr``: the three ONNX files shipped in ``rapidocr_onnxruntime`` (copied, never modified).
 
 Use as a module::
@@ -109,6 +112,9 @@ _TORCHVISION_DYNAMO: list[tuple[str, bool]] = [
     ("efficientnet_b0", False),
     ("convnext_tiny", False),
     ("vit_b_16", False),
+    ("resnet50", False),
+    ("mobilenet_v3_small", False),
+    ("swin_t", False),
 ]
 _TV_KWARGS: dict[str, dict] = {"googlenet": {"aux_logits": False, "init_weights": True}}
 
@@ -122,7 +128,23 @@ _TRANSFORMERS: list[tuple[str, str, str, bool]] = [
     ("bert_tiny_sdpa", "bert_sdpa", "legacy", False),
     ("gpt2_tiny", "gpt2_eager", "legacy", True),
     ("bert_tiny@dynamo", "bert_eager", "dynamo", False),
+    ("bert_tiny_cls@dynamo", "bert_cls_eager", "dynamo", False),
+    ("bert_tiny_sdpa@dynamo", "bert_sdpa", "dynamo", False),
     ("gpt2_tiny@dynamo", "gpt2_eager", "dynamo", False),
+]
+
+# name -> (timm model name, image size, create_model kwargs, exporter, light)
+_TIMM: list[tuple[str, str, int, dict, str, bool]] = [
+    ("deit_tiny", "deit_tiny_patch16_224", 64, {"img_size": 64}, "legacy", True),
+    ("deit_tiny@dynamo", "deit_tiny_patch16_224", 64, {"img_size": 64}, "dynamo", False),
+    ("vit_small", "vit_small_patch16_224", 224, {}, "legacy", False),
+    ("mobilevit_xxs", "mobilevit_xxs", 256, {}, "legacy", False),
+    ("levit_128s", "levit_128s", 224, {}, "legacy", False),
+    ("efficientformer_l1", "efficientformer_l1", 224, {}, "legacy", False),
+    ("pvt_v2_b0", "pvt_v2_b0", 224, {}, "legacy", False),
+    ("resnest14d", "resnest14d", 224, {}, "legacy", False),
+    ("poolformer_s12", "poolformer_s12", 224, {}, "legacy", False),
+    ("efficientvit_b0", "efficientvit_b0", 224, {}, "legacy", False),
 ]
 
 # name -> (file glob inside rapidocr_onnxruntime/models, input shapes, light)
@@ -163,6 +185,16 @@ def _make_registry() -> dict[str, ZooEntry]:
             opset=DYNAMO_OPSET if exporter == "dynamo" else LEGACY_OPSET,
             arch=arch,
             vocab_size=_VOCAB,
+        )
+    for name, arch, size, _kwargs, exporter, light in _TIMM:
+        zoo[name] = ZooEntry(
+            name,
+            "timm",
+            light,
+            {"input": [1, 3, size, size]},
+            exporter=exporter,
+            opset=DYNAMO_OPSET if exporter == "dynamo" else LEGACY_OPSET,
+            arch=arch,
         )
     for name, pattern, shapes, light in _RAPIDOCR:
         zoo[name] = ZooEntry(
@@ -212,6 +244,7 @@ def _cache_key(entry: ZooEntry) -> str:
     deps = {
         "torchvision": ["torch", "torchvision"],
         "transformers": ["torch", "transformers"],
+        "timm": ["torch", "timm"],
         "rapidocr": ["rapidocr_onnxruntime"],
     }[entry.family]
     blob = {
@@ -561,6 +594,27 @@ def _build_torchvision(entry: ZooEntry, out: Path) -> None:
     )
 
 
+def timm_module(name: str):
+    """The torch module a ``timm`` entry is exported from (seeded random weights, eval mode)."""
+    import timm
+    import torch
+
+    _, arch, _, kwargs, _, _ = next(t for t in _TIMM if t[0] == name)
+    torch.manual_seed(SEED)
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    _randomise_params(model)
+    return model.eval()
+
+
+def _build_timm(entry: ZooEntry, out: Path) -> None:
+    import torch
+
+    shape = entry.input_shapes["input"]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(SEED))
+    _export(entry, timm_module(entry.name), (x,), ["input"], ["logits"],
+            {"input": {0: "batch"}, "logits": {0: "batch"}}, out)
+
+
 def _transformers_model(arch: str):
     import torch
     import transformers as tf
@@ -659,6 +713,7 @@ def _build_rapidocr(entry: ZooEntry, out: Path) -> None:
 _BUILDERS = {
     "torchvision": _build_torchvision,
     "transformers": _build_transformers,
+    "timm": _build_timm,
     "rapidocr": _build_rapidocr,
 }
 

@@ -6,6 +6,13 @@ them (Flatten repeats each channel over H*W; a Reshape into heads folds ``head_d
 into one element) or permute them (channel shuffle). The element arrays of ``Layout`` carry all
 of it, so the edits are only the constants that spell sizes: Reshape shapes, Split sizes, Slice
 bounds, Resize sizes.
+
+A packed QKV projection reshaped to ``[3, H, D]`` splits into three blocks of heads whose
+head h is one unit (``layout.split_axis`` kind ``packed``). A Reshape target entry read at
+run time from *another* tensor's channel count (``C = x.shape[-1]`` of the residual in Swin's
+and PVT's legacy exports) is resolved by the Reshape itself: a channel entry becomes the kept
+count, a constant (edit ``PINNED``); a head size ``C // H`` keeps ``x``'s width
+(``AnalysisContext.check_deferred``).
 """
 
 from __future__ import annotations
@@ -13,7 +20,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from idap_onnx.dependency import RESHAPE_DIM, SLICE_BOUNDS, SPLIT_SIZES, AnalysisContext
+from idap_onnx.dependency import (
+    PINNED,
+    RESHAPE_DIM,
+    SLICE_BOUNDS,
+    SPLIT_SIZES,
+    AnalysisContext,
+)
 from idap_onnx.graph import attr
 from idap_onnx.layout import Layout, block_rows, concat, merge_axes, split_axis
 from idap_onnx.oprules.base import register
@@ -185,7 +198,9 @@ def _reshape_middle(
     if big_in == [pos] and lay.fold == 1:
         res = split_axis(lay, [mid_out[i] for i in big_out])
         if res is None:
-            ctx.decline(node, f"Reshape '{node.name}': unsupported split of the channel axis")
+            ctx.decline(node, f"Reshape '{node.name}': unsupported split of the channel axis "
+                        f"into {[mid_out[i] for i in big_out]}; needs [heads, head_dim], "
+                        "[g, k] or packed [g, heads, head_dim] with each block whole heads")
             return True
         kind, new, at = res
         outer, inner = (lead_out + big_out[0], lead_out + big_out[-1])
@@ -199,10 +214,19 @@ def _reshape_middle(
                 new.inner,
             )
         k = len(lay) // len(new)
-        if kind == "heads" and _target_entry(node, ctx, inner) is None:
-            ctx.decline(node, f"Reshape '{node.name}': head size computed at run time")
+        if kind in ("heads", "packed") and not _head_size_known(node, ctx, inner):
+            ctx.decline(node, f"Reshape '{node.name}': head size computed at run time (needs a "
+                        "constant, or a dim read from a tensor other than the one split)")
             return True
-        if kind == "heads":
+        if kind == "packed":  # [3*E] -> [3, H, D]: Q, K and V of a head are one unit
+            g = mid_out[big_out[0]]
+            rows = block_rows(lay, g)
+            for row in rows[1:]:
+                ctx.join(rows[0], row)
+            ctx.bundle(new)
+            new_nz = nz.reshape(g, len(new), -1).any(axis=(0, 2))
+            new = new.moved(lead_out + big_out[at], lead_out + big_out[new.inner])
+        elif kind == "heads":
             ctx.bundle(new)
             new_nz = nz.reshape(-1, k).any(axis=1)
             new = new.moved(lead_out + big_out[at], lead_out + big_out[new.inner])
@@ -376,43 +400,113 @@ def _reshape_edit(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool
                 extra=(node.name,),
             )
         return True
-    if _channel_dim_of(ctx, piece.input[i], int(axis - offsets[i])):
+    entry = int(axis - offsets[i])
+    if _channel_dim_of(ctx, piece.input[i], entry):
+        source = _shape_source(ctx, piece.input[i], entry)
+        if source is not None and source[0] != node.input[0] and sizes[i] == (1,):
+            # another tensor's width: spell the kept count instead (right whether or not
+            # that width follows the pruning); ``check_deferred`` then needs no tie
+            ctx.edit(RESHAPE_DIM, piece, node.output[0], input=i, axis=0,
+                     extra=(node.name, PINNED))
+            _note_width_read(ctx, node, axis, "channel", source)
         return True
     ctx.decline(node, f"Reshape '{node.name}': channel dim computed at run time")
     return False
 
 
+def _head_size_known(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool:
+    """Whether target entry ``axis`` (a head size) is a constant, or ``Shape(t)[a]`` over
+    constants with ``t`` not the tensor split: a dim pruning does not change, or another
+    tensor's channel count, which ``check_deferred`` then keeps (Swin's and PVT's
+    ``C // num_heads`` read from the residual width)."""
+    if _target_entry(node, ctx, axis) is not None:
+        return True
+    piece = _target_piece(ctx, node.input[1], axis)
+    source = None if piece is None else _shape_source(ctx, *piece)
+    if source is None or source[0] == node.input[0]:
+        return False
+    width = ctx.layout(source[0])
+    if width is not None and width.axis == source[1]:
+        _note_width_read(ctx, node, axis, "head", source)
+    return True
+
+
+def _note_width_read(
+    ctx: AnalysisContext, node: onnx.NodeProto, axis: int, kind: str, source: tuple[str, int]
+) -> None:
+    """Record that target entry ``axis`` of Reshape ``node`` reads ``source``'s channel count
+    and how the rule resolved it, with every entry that reads that width (``check_deferred``
+    trusts the record only where all of them are resolved)."""
+    kinds, entries = ctx.width_reads.get((source[0], node.name), ({}, None))
+    if entries is None:
+        rank = ctx.rank(node.output[0]) or 0
+        entries = frozenset(
+            j for j in range(rank)
+            if _target_entry(node, ctx, j) is None
+            and ((p := _target_piece(ctx, node.input[1], j)) is None
+                 or _shape_source(ctx, *p) in (None, source))
+        )
+    ctx.width_reads[(source[0], node.name)] = ({**kinds, axis: kind}, entries)
+
+
 def _channel_dim_of(ctx: AnalysisContext, name: str, entry: int = 0) -> bool:
-    """True when entry ``entry`` of ``name`` is ``Shape(x)[a]`` (by Gather, or a Slice of the
-    shape: dynamo's ``Shape(q)[:-2]`` carries the batch and the heads; optionally Unsqueezed,
-    Cast, divided or multiplied by a constant) with ``a`` the channel axis of ``x``: it
-    follows the pruning."""
+    """True when entry ``entry`` of ``name`` is ``Shape(x)[a]`` (``_shape_source``) with ``a``
+    the channel axis of ``x``: it follows the pruning."""
+    source = _shape_source(ctx, name, entry)
+    lay = None if source is None else ctx.layout(source[0])
+    return lay is not None and lay.axis == source[1]
+
+
+def _shape_source(ctx: AnalysisContext, name: str, entry: int = 0) -> tuple[str, int] | None:
+    """``(x, a)`` when entry ``entry`` of ``name`` is ``Shape(x)[a]``: by Gather, or a Slice of
+    the shape (dynamo's ``Shape(q)[:-2]`` carries the batch and the heads), optionally
+    Unsqueezed, Squeezed, Cast, divided or multiplied by a constant; else None."""
     node = ctx.index.producer.get(name)
     while node is not None and node.op_type in ("Unsqueeze", "Cast", "Div", "Mul", "Squeeze"):
         if node.op_type in ("Div", "Mul") and ctx.const(node.input[1]) is None:
-            return False
+            return None
         node = ctx.index.producer.get(node.input[0])
     if node is None or node.op_type not in ("Gather", "Slice"):
-        return False
+        return None
     shape_node = ctx.index.producer.get(node.input[0])
     if shape_node is None or shape_node.op_type != "Shape":
-        return False
-    lay = ctx.layout(shape_node.input[0])
-    rank = ctx.rank(shape_node.input[0]) or 1
-    if lay is None:
-        return False
+        return None
+    x = shape_node.input[0]
+    rank = ctx.rank(x) or 1
     end = attr(shape_node, "end", None)
     dims = list(range(rank))[int(attr(shape_node, "start", 0)):None if end is None else int(end)]
     if node.op_type == "Gather":
         index = ctx.const(node.input[1])
-        return (entry == 0 and index is not None and index.size == 1
-                and -len(dims) <= int(index.ravel()[0]) < len(dims)
-                and dims[int(index.ravel()[0])] == lay.axis)
+        if entry != 0 or index is None or index.size != 1:
+            return None
+        i = int(index.ravel()[0])
+        return (x, dims[i]) if -len(dims) <= i < len(dims) else None
     starts, ends = ctx.const(node.input[1]), ctx.const(node.input[2])
     if starts is None or ends is None:
-        return False
+        return None
     picked = dims[int(starts[0]) : int(ends[0])]
-    return 0 <= entry < len(picked) and picked[entry] == lay.axis
+    return (x, picked[entry]) if 0 <= entry < len(picked) else None
+
+
+def _target_piece(ctx: AnalysisContext, name: str, entry: int) -> tuple[str, int] | None:
+    """The tensor and entry that spell entry ``entry`` of the shape vector ``name``, through
+    (nested) Concats of 1-D pieces of known length; None where a length is unknown."""
+    for _ in range(8):
+        piece = ctx.index.producer.get(name)
+        if piece is None or piece.op_type != "Concat":
+            return name, entry
+        offset = 0
+        for part in piece.input:
+            size = (ctx.shape(part) or (None,))[0]
+            if not isinstance(size, int):
+                return None
+            if offset <= entry < offset + size:
+                name, entry = part, entry - offset
+                break
+            offset += size
+        else:
+            return None
+    return None
 
 
 @register("Flatten")
@@ -763,7 +857,7 @@ def _feeds_own_reshape(ctx: AnalysisContext, name: str, source: str, depth: int 
             )
             for r in reshapes if ok else []:
                 if r.input[0] != source:  # checked once the whole graph is analysed
-                    ctx.same_channels_later(source, r.input[0], f"Reshape '{r.name}'")
+                    ctx.same_channels_later(source, r.input[0], f"Reshape '{r.name}'", r.name)
         elif user.op_type == "Slice":
             ok = user.input[0] == source and name in user.input[1:3]
         elif user.op_type in _ARITH:

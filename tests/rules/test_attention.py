@@ -13,6 +13,7 @@ from helpers import (
     assert_frozen,
     group_of,
     init,
+    node,
     parse,
 )
 
@@ -274,6 +275,155 @@ def test_packed_qkv_projection_split_into_heads():
     pruned = assert_exact(model, {"qkv": [1]})
     assert init(pruned, "q:1").tolist() == [D - HD] * 3
     assert init(pruned, "qkv:1").shape == (D, 3 * (D - HD))
+
+
+UNBIND = {
+    "Gather": """
+            q = Gather<axis=0>(qkvt, i0)
+            k = Gather<axis=0>(qkvt, i1)
+            v = Gather<axis=0>(qkvt, i2)""",
+    "Split and Squeeze": """
+            q1, k1, v1 = Split<axis=0>(qkvt, ones)
+            q = Squeeze(q1, ax0)
+            k = Squeeze(k1, ax0)
+            v = Squeeze(v1, ax0)""",
+}
+
+
+@pytest.mark.parametrize("unbind", list(UNBIND))
+def test_packed_qkv_reshaped_to_three_by_heads_prunes_whole_heads(unbind):
+    """timm's ``Attention``: one Linear to 3*D, ``reshape(B, N, 3, H, HD).permute(2, 0, 3, 1,
+    4).unbind(0)``. The reshape splits the packed axis into Q, K and V blocks of heads: head h
+    of all three is one unit, the target's heads entry is rewritten."""
+    model = parse(
+        f"""
+        g (float[{B},{S},{D}] x) => (float[{B},{S},{D}] y) {{
+            qkv = MatMul(x, Wqkv)
+            qkvb = Add(qkv, Bqkv)
+            qkvh = Reshape(qkvb, split5)
+            qkvt = Transpose<perm=[2,0,3,1,4]>(qkvh){UNBIND[unbind]}
+            kt = Transpose<perm=[0,1,3,2]>(k)
+            scores = MatMul(q, kt)
+            probs = Softmax<axis=-1>(scores)
+            ctx = MatMul(probs, v)
+            ct = Transpose<perm=[0,2,1,3]>(ctx)
+            merged = Reshape(ct, merge)
+            y = MatMul(merged, Wo)
+        }}""",
+        13,
+        Wqkv=(D, 3 * D),
+        Bqkv=(3 * D,),
+        Wo=(D, D),
+        split5=i64(B, S, 3, H, HD),
+        merge=i64(B, S, D),
+        i0=np.array(0, np.int64),
+        i1=np.array(1, np.int64),
+        i2=np.array(2, np.int64),
+        ones=i64(1, 1, 1),
+        ax0=i64(0),
+    )
+    group = group_of(analyze(model), "qkv")
+    assert group.size == H and not group.frozen
+    (chans,) = group.units[1].values()  # head 1: its Q, K and V columns
+    assert chans.tolist() == [4, 5, 6, 7, 16, 17, 18, 19, 28, 29, 30, 31]
+    pruned = assert_exact(model, {"qkv": [1]})
+    assert init(pruned, "qkv:1").shape == (D, 3 * (D - HD))
+    assert init(pruned, "qkvh:1").tolist() == [B, S, 3, H - 1, HD]
+    assert init(pruned, "merged:1").tolist() == [B, S, D - HD]
+
+
+def test_a_split_into_four_dims_declines_naming_them():
+    model = parse(
+        f"""
+        g (float[{B},{S},{D}] x) => (float[{B},{S},3,2,3,2] y) {{
+            qkv = MatMul(x, Wqkv)
+            y = Reshape(qkv, split6)
+        }}""",
+        13,
+        Wqkv=(D, 3 * D),
+        split6=i64(B, S, 3, 2, 3, 2),
+    )
+    assert_declined(analyze(model), "y", r"split of the channel axis into \[3, 2, 3, 2\]")
+
+
+def test_head_size_and_merged_width_read_from_the_residual_at_run_time():
+    """Swin's and PVT's legacy exports: ``C = x.shape[-1]`` of the residual ``x`` spells the
+    head size ``C // H`` of the Q/K/V reshapes and the width of the merge back. The heads stay
+    prunable: the residual width is kept (its group fixed, the head size stays right) and the
+    merge's run-time width becomes the kept count, a constant."""
+    model = parse(
+        f"""
+        g (float[{B},{S},{D}] inp) => (float[{B},{S},{D}] y) {{
+            x = MatMul(inp, Wx)
+            q = MatMul(x, Wq)
+            k = MatMul(x, Wk)
+            v = MatMul(x, Wv)
+            sx = Shape(x)
+            c = Gather(sx, i2)
+            hd = Div(c, nh_scalar)
+            hd1 = Unsqueeze(hd, ax0)
+            split = Concat<axis=0>(bs, nh, hd1)
+            qh = Reshape(q, split)
+            kh = Reshape(k, split)
+            vh = Reshape(v, split)
+            qt = Transpose<perm=[0,2,1,3]>(qh)
+            kt = Transpose<perm=[0,2,3,1]>(kh)
+            vt = Transpose<perm=[0,2,1,3]>(vh)
+            scores = MatMul(qt, kt)
+            probs = Softmax<axis=-1>(scores)
+            ctx = MatMul(probs, vt)
+            ct = Transpose<perm=[0,2,1,3]>(ctx)
+            c1 = Unsqueeze(c, ax0)
+            merge = Concat<axis=0>(bs, c1)
+            merged = Reshape(ct, merge)
+            o = MatMul(merged, Wo)
+            r = Add(o, x)
+            y = MatMul(r, Wy)
+        }}""",
+        13,
+        Wx=(D, D),
+        Wq=(D, D),
+        Wk=(D, D),
+        Wv=(D, D),
+        Wo=(D, D),
+        Wy=(D, D),
+        i2=np.array(2, np.int64),
+        nh_scalar=np.array(H, np.int64),
+        ax0=i64(0),
+        bs=i64(B, S),
+        nh=i64(H),
+    )
+    graph = analyze(model)
+    heads = group_of(graph, "q")
+    assert heads.size == H and not heads.frozen
+    assert_frozen(graph, "x", "its width sets the head size of Reshape 'qh'")
+    pruned = assert_exact(model, {"q": [1]})
+    assert init(pruned, "q:1").shape == (D, D - HD)
+    merge_piece = node(pruned, "merge").input[1]
+    assert init(pruned, merge_piece).tolist() == [D - HD]  # was Shape(x)[2] at run time
+
+
+def test_a_head_size_read_from_the_split_tensor_itself_declines():
+    model = parse(
+        f"""
+        g (float[{B},{S},{D}] x) => (float[{B},{S},{H},{HD}] y) {{
+            q = MatMul(x, Wq)
+            sq = Shape(q)
+            c = Gather(sq, i2)
+            hd = Div(c, nh_scalar)
+            hd1 = Unsqueeze(hd, ax0)
+            split = Concat<axis=0>(bs, nh, hd1)
+            y = Reshape(q, split)
+        }}""",
+        13,
+        Wq=(D, D),
+        i2=np.array(2, np.int64),
+        nh_scalar=np.array(H, np.int64),
+        ax0=i64(0),
+        bs=i64(B, S),
+        nh=i64(H),
+    )
+    assert_declined(analyze(model), "y", "head size computed at run time")
 
 
 def test_attention_with_run_time_batch_and_length_dims():
