@@ -297,23 +297,10 @@ def _swapped_next(ctx: AnalysisContext, name: str, a: int, b: int) -> bool:
 
 def _target_entry(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> int | None:
     """Entry ``axis`` of a Reshape's target when it is a constant (directly or as a constant
-    piece of a Concat), else None."""
-    shape = ctx.const(node.input[1])
-    if shape is not None:
-        return int(shape[axis])
-    piece = ctx.index.producer.get(node.input[1])
-    if piece is None or piece.op_type != "Concat":
-        return None
-    offset = 0
-    for name in piece.input:
-        size = (ctx.shape(name) or (None,))[0]
-        if not isinstance(size, int):
-            return None
-        if offset <= axis < offset + size:
-            value = ctx.const(name)
-            return None if value is None else int(np.atleast_1d(value)[axis - offset])
-        offset += size
-    return None
+    piece of Concats, ``_target_piece``), else None."""
+    piece = _target_piece(ctx, node.input[1], axis)
+    value = None if piece is None else ctx.const(piece[0])
+    return None if value is None else int(np.atleast_1d(value)[piece[1]])
 
 
 def _unpacked_later(ctx: AnalysisContext, name: str, axis: int) -> bool:
