@@ -184,6 +184,28 @@ def test_minilm_export_matches_torch(minilm_asset, minilm_torch):
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-3)
 
 
+def test_minilm_dynamo_export_has_the_legacy_exports_units(minilm_asset, minilm_torch):
+    """The dynamo export of the same weights embeds like torch, and the analysis finds the
+    same channel groups in it as in the legacy export: the residual width frozen (it is the
+    output), six groups of 12 heads and six MLPs of 1,536 channels, all prunable."""
+    from idap_onnx.dependency import analyze_model
+    from idap_onnx.model_io import load_model
+
+    module, names = minilm_torch
+    path = minilm.dynamo_model()
+    sess = _session(path)
+    assert [o.name for o in sess.get_outputs()] == ["sentence_embedding"]
+    val = {k: v[:4] for k, v in minilm_asset.load("val").items()}
+    got = sess.run(None, {n: val[n] for n in names})[0]
+    assert np.all(minilm.cosines(got, minilm.torch_embed(module, names, val)) > 0.9999)
+
+    def groups(p):
+        return [(g.size, g.frozen) for g in analyze_model(load_model(str(p))).groups]
+
+    assert groups(path) == groups(minilm_asset.model_path)
+    assert groups(path) == [(384, True)] + [(12, False), (1536, False)] * 6
+
+
 def test_trimmed_sentences_embed_like_padded_ones(minilm_asset):
     """Cutting the padding (to a multiple of 8 tokens) leaves every embedding unchanged."""
     sess = _session(minilm_asset.model_path)

@@ -65,6 +65,10 @@ SIZES = {"calib": 512, "val": 256, "test": 256}
 MIN_WORDS, MAX_WORDS = 5, 40
 MIN_COSINE = 0.9999
 OUTPUT_NAME = "embedding"
+DYNAMO_OPSET = 18
+# the dynamo exporter names an inner value "embedding" after the HF module: the graph output
+# gets another name, or ONNX Runtime refuses the duplicate
+DYNAMO_OUTPUT_NAME = "sentence_embedding"
 SPLITS = ("calib", "val", "test")
 FILES = (
     "minilm.onnx",
@@ -204,26 +208,30 @@ def trim(feeds: dict[str, np.ndarray], multiple: int = 8) -> list[dict[str, np.n
     return [{k: v[i, : int(n)].copy() for k, v in feeds.items()} for i, n in enumerate(lengths)]
 
 
-def export(module, names: list[str], tokenizer, path: Path) -> None:
-    """Legacy TorchScript export at opset 17, batch and sequence dynamic."""
+def export(module, names: list[str], tokenizer, path: Path, dynamo: bool = False) -> None:
+    """Legacy TorchScript export at opset 17 (or, with ``dynamo``, the ``torch.export``-based
+    exporter at opset 18, output ``DYNAMO_OUTPUT_NAME``), batch and sequence dynamic."""
     import torch
 
     dummy = tokenize(tokenizer, CHECK_SENTENCES[:2], names, seq_len=16)
     args = tuple(torch.from_numpy(dummy[n]) for n in names)
+    output = DYNAMO_OUTPUT_NAME if dynamo else OUTPUT_NAME
     axes = {n: {0: "batch", 1: "sequence"} for n in names}
-    axes[OUTPUT_NAME] = {0: "batch"}
+    axes[output] = {0: "batch"}
     buf = io.StringIO()
+    extra = {"external_data": False, "verbose": False} if dynamo else {}
     with warnings.catch_warnings(), contextlib.redirect_stdout(buf), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
             args,
             str(path),
-            dynamo=False,
-            opset_version=OPSET,
+            dynamo=dynamo,
+            opset_version=DYNAMO_OPSET if dynamo else OPSET,
             input_names=names,
-            output_names=[OUTPUT_NAME],
+            output_names=[output],
             dynamic_axes=axes,
+            **extra,
         )
     if Path(str(path) + ".data").exists():
         raise RuntimeError("the exporter wrote external data")
@@ -420,6 +428,32 @@ def _asset(folder: Path) -> MiniLMAsset:
         cache_dir=folder,
         meta=json.loads((folder / "meta.json").read_text()),
     )
+
+
+def dynamo_model(cache_dir: str | os.PathLike | None = None) -> Path:
+    """MiniLM's dynamo export (``export(dynamo=True)``), built once beside the asset's legacy
+    export and checked against torch like it (cosine > ``MIN_COSINE``)."""
+    import torch
+
+    folder = build(cache_dir).cache_dir
+    path = folder / "minilm_dynamo.onnx"
+    with _lock(folder / ".lock"):
+        if path.exists():
+            return path
+        tokenizer = load_tokenizer()
+        module, names = embedding_module(load_model())
+
+        def write(tmp: Path) -> None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(SEED)
+                export(module, names, tokenizer, tmp, dynamo=True)
+            check = tokenize(tokenizer, CHECK_SENTENCES, names, seq_len=None)
+            worst = float(cosines(onnx_embed(tmp, check), torch_embed(module, names, check)).min())
+            if not worst > MIN_COSINE:
+                raise RuntimeError(f"MiniLM's dynamo export disagrees with torch: {worst:.6f}")
+
+        _atomic(path, write)
+    return path
 
 
 def build(
