@@ -135,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--alpha", type=float, default=1.5, help="schedule exponent (1.5)")
     plan.add_argument("--steps", type=int, default=10,
                       help="stage-1 iterations T (10); with a --target-* still unmet after "
-                      "them, up to T more along the same schedule")
+                      "them, up to 3T more along the same schedule")
     plan.add_argument(
         "--retries",
         type=int,

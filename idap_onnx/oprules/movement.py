@@ -218,17 +218,15 @@ def _reshape_middle(
             ctx.decline(node, f"Reshape '{node.name}': head size computed at run time (needs a "
                         "constant, or a dim read from a tensor other than the one split)")
             return True
-        if kind == "packed":  # [3*E] -> [3, H, D]: Q, K and V of a head are one unit
-            g = mid_out[big_out[0]]
+        if kind in ("heads", "packed"):
+            # packed [3*E] -> [3, H, D]: the g blocks joined, so Q, K and V of a head are one
+            # unit; plain heads are the one-block case
+            g = mid_out[big_out[0]] if kind == "packed" else 1
             rows = block_rows(lay, g)
             for row in rows[1:]:
                 ctx.join(rows[0], row)
             ctx.bundle(new)
             new_nz = nz.reshape(g, len(new), -1).any(axis=(0, 2))
-            new = new.moved(lead_out + big_out[at], lead_out + big_out[new.inner])
-        elif kind == "heads":
-            ctx.bundle(new)
-            new_nz = nz.reshape(-1, k).any(axis=1)
             new = new.moved(lead_out + big_out[at], lead_out + big_out[new.inner])
         elif kind == "rows":
             rows = block_rows(lay, len(lay) // len(new))
@@ -387,10 +385,9 @@ def _reshape_edit(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool
                 extra=(node.name,),
             )
         return True
-    entry = int(axis - offsets[i])
-    if _channel_dim_of(ctx, piece.input[i], entry):
-        source = _shape_source(ctx, piece.input[i], entry)
-        if source is not None and source[0] != node.input[0] and sizes[i] == (1,):
+    source = _shape_source(ctx, piece.input[i], int(axis - offsets[i]))
+    if _reads_channel_count(ctx, source):  # follows the pruning
+        if source[0] != node.input[0] and sizes[i] == (1,):
             # another tensor's width: spell the kept count instead (right whether or not
             # that width follows the pruning); ``check_deferred`` then needs no tie
             ctx.edit(RESHAPE_DIM, piece, node.output[0], input=i, axis=0,
@@ -412,8 +409,7 @@ def _head_size_known(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> b
     source = None if piece is None else _shape_source(ctx, *piece)
     if source is None or source[0] == node.input[0]:
         return False
-    width = ctx.layout(source[0])
-    if width is not None and width.axis == source[1]:
+    if _reads_channel_count(ctx, source):
         _note_width_read(ctx, node, axis, "head", source)
     return True
 
@@ -424,22 +420,22 @@ def _note_width_read(
     """Record that target entry ``axis`` of Reshape ``node`` reads ``source``'s channel count
     and how the rule resolved it, with every entry that reads that width (``check_deferred``
     trusts the record only where all of them are resolved)."""
+
+    def may_read(j: int) -> bool:  # entry j is not a constant, and reads source or is untraced
+        piece = _target_piece(ctx, node.input[1], j)
+        if piece is None:
+            return True
+        return ctx.const(piece[0]) is None and _shape_source(ctx, *piece) in (None, source)
+
     kinds, entries = ctx.width_reads.get((source[0], node.name), ({}, None))
     if entries is None:
-        rank = ctx.rank(node.output[0]) or 0
-        entries = frozenset(
-            j for j in range(rank)
-            if _target_entry(node, ctx, j) is None
-            and ((p := _target_piece(ctx, node.input[1], j)) is None
-                 or _shape_source(ctx, *p) in (None, source))
-        )
+        entries = frozenset(filter(may_read, range(ctx.rank(node.output[0]) or 0)))
     ctx.width_reads[(source[0], node.name)] = ({**kinds, axis: kind}, entries)
 
 
-def _channel_dim_of(ctx: AnalysisContext, name: str, entry: int = 0) -> bool:
-    """True when entry ``entry`` of ``name`` is ``Shape(x)[a]`` (``_shape_source``) with ``a``
-    the channel axis of ``x``: it follows the pruning."""
-    source = _shape_source(ctx, name, entry)
+def _reads_channel_count(ctx: AnalysisContext, source: tuple[str, int] | None) -> bool:
+    """True when ``source`` (``Shape(x)[a]``, from ``_shape_source``) has ``a`` the channel
+    axis of ``x``: the value is ``x``'s channel count."""
     lay = None if source is None else ctx.layout(source[0])
     return lay is not None and lay.axis == source[1]
 
