@@ -433,8 +433,6 @@ def _asset(folder: Path) -> MiniLMAsset:
 def dynamo_model(cache_dir: str | os.PathLike | None = None) -> Path:
     """MiniLM's dynamo export (``export(dynamo=True)``), built once beside the asset's legacy
     export and checked against torch like it (cosine > ``MIN_COSINE``)."""
-    import torch
-
     folder = build(cache_dir).cache_dir
     path = folder / "minilm_dynamo.onnx"
     with _lock(folder / ".lock"):
@@ -442,18 +440,29 @@ def dynamo_model(cache_dir: str | os.PathLike | None = None) -> Path:
             return path
         tokenizer = load_tokenizer()
         module, names = embedding_module(load_model())
-
-        def write(tmp: Path) -> None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(SEED)
-                export(module, names, tokenizer, tmp, dynamo=True)
-            check = tokenize(tokenizer, CHECK_SENTENCES, names, seq_len=None)
-            worst = float(cosines(onnx_embed(tmp, check), torch_embed(module, names, check)).min())
-            if not worst > MIN_COSINE:
-                raise RuntimeError(f"MiniLM's dynamo export disagrees with torch: {worst:.6f}")
-
-        _atomic(path, write)
+        _atomic(path, lambda tmp: _export_checked(module, names, tokenizer, tmp, dynamo=True))
     return path
+
+
+def _export_checked(module, names: list[str], tokenizer, path: Path, dynamo: bool = False
+                    ) -> float:
+    """``export`` (seeded) to ``path``, then the worst cosine to torch over the check
+    sentences padded to the longest and to ``SEQ_LEN``; raises when it is not above
+    ``MIN_COSINE``."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        export(module, names, tokenizer, path, dynamo=dynamo)
+    worst = 1.0
+    for seq_len in (None, SEQ_LEN):
+        check = tokenize(tokenizer, CHECK_SENTENCES, names, seq_len=seq_len)
+        cos = cosines(onnx_embed(path, check), torch_embed(module, names, check))
+        worst = min(worst, float(cos.min()))
+    if not worst > MIN_COSINE:
+        kind = "dynamo " if dynamo else ""
+        raise RuntimeError(f"MiniLM's {kind}export disagrees with torch: cosine {worst:.6f}")
+    return worst
 
 
 def build(
@@ -475,8 +484,6 @@ def build(
 
 
 def _build_into(folder: Path, log: Callable[[str], None]) -> None:
-    import torch
-
     t0 = time.perf_counter()
     tokenizer = load_tokenizer()
     module, names = embedding_module(load_model())
@@ -496,26 +503,9 @@ def _build_into(folder: Path, log: Callable[[str], None]) -> None:
 
     # Model: export, compare with torch on sentences of several lengths, then move into place.
     model_path = folder / "minilm.onnx"
-    fd, tmp_name = tempfile.mkstemp(prefix=".minilm.", suffix=".onnx", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(SEED)
-            export(module, names, tokenizer, tmp)
-        check = tokenize(tokenizer, CHECK_SENTENCES, names, seq_len=None)
-        cos = cosines(onnx_embed(tmp, check), torch_embed(module, names, check))
-        fixed = tokenize(tokenizer, CHECK_SENTENCES, names)
-        cos_fixed = cosines(onnx_embed(tmp, fixed), torch_embed(module, names, fixed))
-        worst = float(min(cos.min(), cos_fixed.min()))
-        if not worst > MIN_COSINE:
-            raise RuntimeError(f"exported MiniLM disagrees with torch: cosine {worst:.6f}")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, model_path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    log(f"exported {model_path} (min cosine vs torch {worst:.7f})")
+    worst: list[float] = []
+    _atomic(model_path, lambda tmp: worst.append(_export_checked(module, names, tokenizer, tmp)))
+    log(f"exported {model_path} (min cosine vs torch {worst[0]:.7f})")
 
     # Text.
     sets = split_sentences()
