@@ -578,9 +578,14 @@ def torchvision_module(arch: str):
 
 
 def _build_torchvision(entry: ZooEntry, out: Path) -> None:
+    _export_classifier(entry, torchvision_module(entry.arch), out)
+
+
+def _export_classifier(entry: ZooEntry, model, out: Path) -> None:
+    """Export an image classifier: ``input`` (seeded N(0, 1) at the entry's shape, batch
+    dynamic) -> ``logits``."""
     import torch
 
-    model = torchvision_module(entry.arch)
     shape = entry.input_shapes["input"]
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(SEED))
     _export(
@@ -607,12 +612,7 @@ def timm_module(name: str):
 
 
 def _build_timm(entry: ZooEntry, out: Path) -> None:
-    import torch
-
-    shape = entry.input_shapes["input"]
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(SEED))
-    _export(entry, timm_module(entry.name), (x,), ["input"], ["logits"],
-            {"input": {0: "batch"}, "logits": {0: "batch"}}, out)
+    _export_classifier(entry, timm_module(entry.name), out)
 
 
 def _transformers_model(arch: str):
