@@ -22,6 +22,7 @@ from idap_onnx.dependency import (
     GROUP_ATTR,
     PINNED,
     RESHAPE_DIM,
+    ROWS,
     SLICE,
     SLICE_BOUNDS,
     SPLIT_SIZES,
@@ -209,6 +210,8 @@ def _apply(
 def _slice(edit: Edit, consts: _Constants, keep, zero: bool) -> None:
     arr = consts.get(edit.node, edit.input)
     mask = keep(edit.tensor)
+    if ROWS in edit.extra:  # g joined rows (equal masks): the constant holds one
+        mask = mask.reshape(int(edit.extra[1]), -1)[0]
     if arr.shape[edit.axis] == 1:
         return
     if arr.shape[edit.axis] != len(mask):

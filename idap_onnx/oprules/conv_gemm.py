@@ -3,7 +3,9 @@
 Each *produces* a new space of channels (its output rows: ``W[c]`` and ``bias[c]``) and
 *consumes* the channels of its input (its input columns ``W[:, c]``). Depthwise Conv ties each
 output channel to its input channel; grouped Conv ties whole conv groups of inputs and outputs
-into units, so removal drops whole groups and rewrites ``group``.
+into units, so removal drops whole groups and rewrites ``group``, except where a later Reshape
+splits its output into one row per conv group (ResNeSt's radix): then channel j of every group
+is one unit, as the rows need, and ``group`` stays.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from idap_onnx.dependency import GROUP_ATTR, SLICE, AnalysisContext
+from idap_onnx.dependency import GROUP_ATTR, ROWS, SLICE, AnalysisContext
 from idap_onnx.graph import attr
-from idap_onnx.layout import Layout
+from idap_onnx.layout import Layout, block_rows
 from idap_onnx.oprules.base import register
 
 
@@ -41,7 +43,9 @@ def conv(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
     """Conv: W [C_out, C_in/g, k...]; consumes W[:, c] (g = 1), produces W[c] and B[c].
 
     Depthwise (g = C_in, C_out = m * C_in): output channel m*c+j is tied to input c.
-    Grouped (1 < g < C_in): conv group j of inputs and outputs is one unit.
+    Grouped (1 < g < C_in): conv group j of inputs and outputs is one unit; where the output
+    is later split into g rows (``_split_into_rows``), output j of every group is one unit and
+    input i of every group another, and W[:, i] is sliced by one row's mask.
     """
     x = node.input[0]
     w = _weight(node, ctx, 1)
@@ -69,6 +73,13 @@ def conv(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         ctx.produce(node, out)
         ctx.consume(node, lay)
         ctx.edit(GROUP_ATTR, node, x, extra=(1,))
+    elif _split_into_rows(ctx, node.output[0], groups, c_out):
+        out = _produce(node, ctx, c_out, 1)
+        for lays in (block_rows(out, groups), block_rows(lay, groups)):
+            for row in lays[1:]:
+                ctx.join(lays[0], row)
+        ctx.sink(node, x)
+        ctx.edit(SLICE, node, x, input=1, axis=1, role="consumer", extra=(ROWS, groups))
     else:
         out = _produce(node, ctx, c_out, 1)
         per_in, per_out = c_in // groups, c_out // groups
@@ -83,6 +94,26 @@ def conv(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         ctx.edit(GROUP_ATTR, node, node.output[0], extra=(per_out,))
     ctx.edit(SLICE, node, node.output[0], input=1, axis=0, role="producer")
     _bias(node, ctx, 2, c_out)
+
+
+_UNARY = ("Relu", "BatchNormalization", "Sigmoid", "Clip", "LeakyRelu", "HardSwish", "Identity")
+
+
+def _split_into_rows(ctx: AnalysisContext, name: str, groups: int, c_out: int) -> bool:
+    """True when ``name`` (NCHW, after unary ops) is reshaped to ``[N, groups, C/groups, ...]``."""
+    for _ in range(4):
+        users = ctx.index.consumers.get(name, [])
+        rank = ctx.rank(name)
+        for user in users:
+            shape = ctx.shape(user.output[0]) if user.op_type == "Reshape" else None
+            rows = shape is not None and rank is not None and len(shape) == rank + 1
+            if rows and list(shape[1:3]) == [groups, c_out // groups]:
+                return True
+        unary = [u for u in users if u.op_type in _UNARY]
+        if len(unary) != 1:
+            return False
+        name = unary[0].output[0]
+    return False
 
 
 @register("ConvTranspose")

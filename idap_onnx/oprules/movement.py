@@ -207,6 +207,8 @@ def _reshape_middle(
         if kind == "heads" and (
             _unpacked_later(ctx, node.output[0], outer)
             or _swapped_next(ctx, node.output[0], outer, inner)
+            or _reads_own_width(node, ctx, inner)
+            or _reduced_later(ctx, node.output[0], outer)
         ):
             kind, new, at = (
                 "rows",
@@ -396,6 +398,40 @@ def _reshape_edit(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool
         return True
     ctx.decline(node, f"Reshape '{node.name}': channel dim computed at run time")
     return False
+
+
+def _reduced_later(ctx: AnalysisContext, name: str, axis: int, depth: int = 0) -> bool:
+    """True when axis ``axis`` of ``name`` is summed, averaged or normalized over by a Reduce or
+    Softmax, directly or after Transpose or elementwise Mul/Add (ResNeSt's split attention:
+    a softmax over the radix axis, ``(x * attn).sum(1)``): rows joined element-wise, not heads."""
+    rank = ctx.rank(name) or 0
+    for user in ctx.index.consumers.get(name, []) if depth < 3 else []:
+        if user.op_type in ("ReduceSum", "ReduceMean"):
+            if axis in [a % rank for a in _axes(user, ctx, 1) or []]:
+                return True
+        elif user.op_type == "Softmax":
+            if int(attr(user, "axis", -1)) % rank == axis:
+                return True
+        elif user.op_type == "Transpose":
+            perm = list(attr(user, "perm", None) or reversed(range(rank)))
+            if _reduced_later(ctx, user.output[0], perm.index(axis), depth + 1):
+                return True
+        elif (
+            user.op_type in ("Mul", "Add")
+            and ctx.rank(user.output[0]) == rank
+            and _reduced_later(ctx, user.output[0], axis, depth + 1)
+        ):
+            return True
+    return False
+
+
+def _reads_own_width(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool:
+    """True when target entry ``axis`` is the split tensor's own channel count over a
+    constant, ``Shape(x)[c] / g`` (ResNeSt's ``[B, radix, C // radix, H, W]``): as the size of
+    heads it would not follow the pruning, as the row length of ``g`` joined rows it does."""
+    piece = _target_piece(ctx, node.input[1], axis)
+    source = None if piece is None else _shape_source(ctx, *piece)
+    return source is not None and source[0] == node.input[0] and _reads_channel_count(ctx, source)
 
 
 def _head_size_known(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool:

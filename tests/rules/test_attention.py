@@ -403,27 +403,41 @@ def test_head_size_and_merged_width_read_from_the_residual_at_run_time():
     assert init(pruned, merge_piece).tolist() == [D - HD]  # was Shape(x)[2] at run time
 
 
-def test_a_head_size_read_from_the_split_tensor_itself_declines():
+def test_a_head_size_read_from_the_split_tensor_itself_splits_rows_not_heads():
+    # [B, S, D] -> [B, S, H, D // H] with D read from q itself: as a head size it would not
+    # follow the pruning of whole heads, as the length of H joined rows it does, so channel j
+    # of every head is one unit
     model = parse(
         f"""
-        g (float[{B},{S},{D}] x) => (float[{B},{S},{H},{HD}] y) {{
+        g (float[{B},{S},{D}] x) => (float[{B},{S},{D}] y) {{
             q = MatMul(x, Wq)
             sq = Shape(q)
             c = Gather(sq, i2)
             hd = Div(c, nh_scalar)
             hd1 = Unsqueeze(hd, ax0)
             split = Concat<axis=0>(bs, nh, hd1)
-            y = Reshape(q, split)
+            qh = Reshape(q, split)
+            r = Relu(qh)
+            merged = Reshape(r, merge)
+            y = MatMul(merged, Wo)
         }}""",
         13,
         Wq=(D, D),
+        Wo=(D, D),
         i2=np.array(2, np.int64),
         nh_scalar=np.array(H, np.int64),
         ax0=i64(0),
         bs=i64(B, S),
         nh=i64(H),
+        merge=i64(B, S, -1),
     )
-    assert_declined(analyze(model), "y", "head size computed at run time")
+    group = group_of(analyze(model), "q")
+    assert [sorted(int(c) for c in unit[group.spaces[0]]) for unit in group.units][:2] == [
+        [0, HD, 2 * HD], [1, HD + 1, 2 * HD + 1],
+    ]  # fmt: skip
+    pruned = assert_exact(model, {"q": [1]})
+    assert init(pruned, "q:1").shape == (D, D - H)
+    assert node(pruned, "hd").op_type == "Div"  # the run-time head size follows the pruning
 
 
 def test_attention_with_run_time_batch_and_length_dims():

@@ -366,6 +366,86 @@ def test_channel_shuffle_with_runtime_shape_is_exact():
     assert_exact(model, {"a": [0]})
 
 
+def split_attention(radix_entry: str):
+    """ResNeSt's split attention, radix 2, 3 channels per radix row: a grouped conv (one conv
+    group per row), reshaped to rows ``[1, 2, 3, 6, 6]`` (the row length ``radix_entry``), summed
+    over the rows, pooled, two 1x1 convs, a softmax over the rows, and the rows weighted and
+    summed: ``(x * attn).sum(1)``."""
+    return parse(
+        f"""
+        g (float[1,3,6,6] x) => (float[1,5,6,6] y) {{
+            a = Conv(x, W1, B1)
+            r = Relu(a)
+            gc = Conv<group=2, pads=[1,1,1,1]>(r, Wg, Bg)
+            s = Relu(gc)
+            {radix_entry}
+            rows = Concat<axis=0>(n2, per, hw)
+            xs = Reshape(s, rows)
+            gap = ReduceSum<keepdims=0>(xs, ax1)
+            pooled = GlobalAveragePool(gap)
+            f1 = Conv(pooled, Wf1, Bf1)
+            fr = Relu(f1)
+            f2 = Conv(fr, Wf2, Bf2)
+            fv = Reshape(f2, card_radix)
+            ft = Transpose<perm=[0,2,1,3]>(fv)
+            sm = Softmax<axis=1>(ft)
+            flat = Reshape(sm, batch_flat)
+            att = Reshape(flat, radix_rows)
+            prod = Mul(xs, att)
+            out = ReduceSum<keepdims=0>(prod, ax1)
+            y = Conv(out, W2)
+        }}""",
+        W1=(4, 3, 1, 1),
+        B1=(4,),
+        Wg=(6, 2, 3, 3),
+        Bg=(6,),
+        Wf1=(4, 3, 1, 1),
+        Bf1=(4,),
+        Wf2=(6, 4, 1, 1),
+        Bf2=(6,),
+        W2=(5, 3, 1, 1),
+        n2=i64(1, 2),
+        hw=i64(6, 6),
+        three=i64(3),
+        i1=np.array(1, np.int64),
+        two=np.array(2, np.int64),
+        ax0=i64(0),
+        ax1=i64(1),
+        card_radix=i64(1, 1, 2, -1),
+        batch_flat=i64(1, -1),
+        radix_rows=i64(1, 2, -1, 1, 1),
+    )
+
+
+@pytest.mark.parametrize(
+    "radix_entry",
+    [
+        "per = Identity(three)",
+        # timm: B, RC, H, W = x.shape; x.reshape(B, radix, RC // radix, H, W)
+        """sh = Shape(s)
+            rc = Gather(sh, i1)
+            half = Div(rc, two)
+            per = Unsqueeze(half, ax0)""",
+    ],
+    ids=["constant", "run time"],
+)
+def test_split_attention_rows_are_channels_of_every_radix_row(radix_entry):
+    model = split_attention(radix_entry)
+    graph = analyze(model)
+    rows = group_of(graph, "gc")
+    assert rows.producers == ("f2", "gc")
+    # channel j of each radix row (conv group) is one unit, the attention's too
+    assert [sorted(int(c) for c in unit[rows.spaces[0]]) for unit in rows.units] == [
+        [0, 3], [1, 4], [2, 5],
+    ]  # fmt: skip
+    assert group_of(graph, "a").size == 2  # input i of each conv group: [0, 2] and [1, 3]
+    pruned = assert_exact(model, {"gc": [1], "a": [0]})
+    assert attr(pruned, "gc", "group") == 2  # still one conv group per radix row
+    assert init(pruned, "gc:1").shape == (4, 1, 3, 3)
+    assert init(pruned, "f2:1").shape == (4, 4, 1, 1)
+    assert init(pruned, "y:1").shape == (5, 2, 1, 1)
+
+
 # -- Flatten ----------------------------------------------------------------------------------
 
 
