@@ -210,7 +210,7 @@ def _resolved_shapes(
     if dims is None:
         return shapes
     try:
-        measured = probe_shapes(model, dims, missing)
+        measured = probe_shapes(model, dims, missing, known=shapes)
     except (KeyError, TypeError, ValueError):  # an input ORT cannot be fed; best effort
         return shapes
     shapes.update((name, tuple(int(d) for d in shape)) for name, shape in measured.items())

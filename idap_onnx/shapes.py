@@ -317,21 +317,102 @@ def _fold_once(gs, model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def probe_shapes(
-    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], names: Sequence[str]
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]],
+    names: Sequence[str],
+    known: Mapping[str, Shape] | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Measure the shapes of tensors ``names`` by running ``model`` once in ONNX Runtime.
 
     Float inputs get N(0, 1) values of ``input_shapes``, integer inputs zeros (ones for names
     containing ``mask``). Used for the few shapes static inference and folding leave unknown
-    (attention masks built with Range/Expand); returns {} when the model cannot run. The
-    session loads a temporary file whose weights are external data
+    (attention masks built with Range/Expand); returns {} when the model cannot run. Where the
+    ``known`` shapes cut ``names`` off the network (``shape_subgraph``), only that sub-graph
+    runs; else the whole model, from a temporary file whose weights are external data
     (``model_io.write_variant``), so no copy of the model is made in memory.
     """
+    if not names:
+        return {}
+    nodes = None if known is None else shape_subgraph(model, known, names)
+    if nodes is not None:
+        probed = _run_probe(model, input_shapes, names, nodes)
+        if set(probed) >= set(names):
+            return probed
+    return _run_probe(model, input_shapes, names)
+
+
+def shape_subgraph(
+    model: onnx.ModelProto, known: Mapping[str, Shape], names: Sequence[str]
+) -> list[onnx.NodeProto] | None:
+    """The nodes that compute ``names`` once each ``Shape(x)`` with ``x``'s shape in ``known``
+    is a constant: the shape sub-graphs exporters emit, cut from the network they measure
+    (ViT's legacy attention slices its shape vectors). None where the cut still reads a large
+    weight or a sub-graph attribute: then the whole model must run."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    large = {
+        t.name for t in model.graph.initializer
+        if is_large_weight(t.data_type, int(np.prod(t.dims, dtype=np.int64)))
+    }
+    picked: dict[int, onnx.NodeProto] = {}
+    stack, seen = list(names), set()
+    while stack:
+        name = stack.pop()
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if node is None:
+            if name in large:
+                return None
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in node.attribute):
+            return None
+        dims = known.get(node.input[0]) if node.op_type == "Shape" else None
+        if dims is not None and not _unknowns(dims):
+            attrs = {a.name: a.i for a in node.attribute}
+            part = list(dims)[slice(attrs.get("start", 0), attrs.get("end"))]
+            value = numpy_helper.from_array(np.array(part, np.int64))
+            picked[id(node)] = onnx.helper.make_node("Constant", [], [name], value=value)
+            continue
+        picked[id(node)] = node
+        stack.extend(node.input)
+    return [picked[id(n)] for n in model.graph.node if id(n) in picked]
+
+
+def _subgraph_model(
+    model: onnx.ModelProto,
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Sequence[onnx.ValueInfoProto],
+    outputs: Sequence[str],
+) -> onnx.ModelProto:
+    """``model`` reduced to ``nodes``, the graph ``inputs`` and initializers they read, and
+    ``outputs`` (``shape_subgraph``: every initializer read is small)."""
+    read = {i for n in nodes for i in n.input}
+    out = onnx.ModelProto()
+    out.ir_version = model.ir_version
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    out.graph.node.extend(nodes)
+    out.graph.input.extend(vi for vi in inputs if vi.name in read)
+    out.graph.initializer.extend(t for t in model.graph.initializer if t.name in read)
+    out.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
+    return out
+
+
+def _run_probe(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]],
+    names: Sequence[str],
+    nodes: Sequence[onnx.NodeProto] | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of ``names`` from one ONNX Runtime run of ``model``, or of only ``nodes``."""
     import numpy as np
     import onnxruntime as ort
 
-    if not names:
-        return {}
     inputs = onnx.GraphProto()
     inputs.input.extend(model.graph.input)
     _override_input_shapes(inputs, input_shapes)
@@ -354,10 +435,17 @@ def probe_shapes(
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        with tempfile.TemporaryDirectory(prefix="idap-shapes-") as tmp:
-            path = write_variant(model, pathlib.Path(tmp) / "probe.onnx", nodes=model.graph.node,
-                                 outputs=extra, inputs=inputs.input)
-            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        if nodes is not None:  # a small sub-graph: built in memory
+            probe = _subgraph_model(model, nodes, inputs.input, names)
+            read = {i.name for i in probe.graph.input}
+            feeds = {k: v for k, v in feeds.items() if k in read}
+            sess = ort.InferenceSession(probe.SerializeToString(), opts,
+                                        providers=["CPUExecutionProvider"])
+        else:
+            with tempfile.TemporaryDirectory(prefix="idap-shapes-") as tmp:
+                path = write_variant(model, pathlib.Path(tmp) / "probe.onnx",
+                                     nodes=model.graph.node, outputs=extra, inputs=inputs.input)
+                sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         out_names = [o.name for o in sess.get_outputs()]
         values = sess.run(None, feeds)
     except Exception:  # a best effort: the shapes stay unknown
@@ -379,7 +467,7 @@ def analysis_shapes(
     shapes = tensor_shapes(shaped)
     produced = [o for n in model.graph.node for o in n.output if o]
     unknown = [t for t in produced if t not in shapes or _unknowns(shapes[t])]
-    shapes.update(probe_shapes(model, concrete, unknown[:4096]))
+    shapes.update(probe_shapes(model, concrete, unknown[:4096], known=shapes))
     return shapes
 
 

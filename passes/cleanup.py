@@ -11,6 +11,7 @@ from __future__ import annotations
 import onnx
 
 from idap_onnx.errors import SurgeryError
+from idap_onnx.model_io import is_large_weight
 from idap_onnx.shapes import infer_shapes, skeleton
 
 
@@ -49,17 +50,43 @@ def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Inference and the full (strict shape-inference) check run on a weight-free skeleton of
     the model, whose large weights are typed graph inputs: the same shapes, without copying
-    the weights; the plain checker then runs on the model itself. ``model`` is edited in
-    place and returned with the inferred ``value_info``.
+    the weights. The large weights themselves are checked as the plain checker checks a
+    tensor (one storage field, as many values as the dims say, ``_check_weights``): the plain
+    checker on the model would serialize every weight (0.35 s of ViT-B/16's 330 MB). ``model``
+    is edited in place and returned with the inferred ``value_info``.
     """
     remove_dead(model)
     del model.graph.value_info[:]
     try:
         light = infer_shapes(skeleton(model))
         onnx.checker.check_model(light, full_check=True)
-        onnx.checker.check_model(model)
     except Exception as exc:  # the checker raises several types; all mean a broken rewrite
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SurgeryError(f"rewritten graph fails the ONNX checker: {first}") from exc
+    _check_weights(model)
     model.graph.value_info.extend(light.graph.value_info)
     return model
+
+
+_VALUE_FIELDS = {
+    onnx.TensorProto.FLOAT: ("float_data", 4),
+    onnx.TensorProto.FLOAT16: ("int32_data", 2),  # one value per int32
+}
+
+
+def _check_weights(model: onnx.ModelProto) -> None:
+    """The weights ``skeleton`` sets aside hold one storage field with ``prod(dims)`` values."""
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        if not is_large_weight(t.data_type, n) or t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        field, size = _VALUE_FIELDS[t.data_type]
+        typed = len(getattr(t, field))
+        raw = len(t.raw_data)
+        if (raw and typed) or (raw or typed * size) != n * size:
+            raise SurgeryError(
+                f"rewritten graph fails the ONNX checker: weight '{t.name}' holds "
+                f"{(raw // size) if raw else typed} values for dims {list(t.dims)}"
+            )

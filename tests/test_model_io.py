@@ -550,3 +550,37 @@ def test_infer_shapes_on_a_skeleton_for_huge_models(monkeypatch):
 
     assert tensor_shapes(inferred)["y"] == (2, 4, 8, 8)
     assert inferred.graph.initializer[0] == model.graph.initializer[0]
+
+
+def _sliced_shape_model() -> onnx.ModelProto:
+    """t = x @ W (W over 1024 floats); n = Shape(t)[1:e] with e computed at run time: the
+    shape vector's length is what ViT's legacy attention leaves to a run."""
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 5, 12] x) => (int64[N] n) {
+            t = MatMul (x, w)
+            s = Shape (t)
+            r = Shape (s)
+            e = Sub (r, one)
+            n = Slice (s, one, e)
+        }
+    """)
+    rng = np.random.default_rng(0)
+    model.graph.initializer.extend([
+        onnx.numpy_helper.from_array(rng.standard_normal((12, 96)).astype(np.float32), "w"),
+        onnx.numpy_helper.from_array(np.array([1], np.int64), "one"),
+    ])
+    return model
+
+
+def test_probe_runs_only_the_shape_subgraph_where_known_shapes_cut_it():
+    model = _sliced_shape_model()
+    known = {"x": (1, 5, 12), "t": (1, 5, 96)}
+
+    nodes = shapes.shape_subgraph(model, known, ["n"])
+
+    assert [n.op_type for n in nodes] == ["Constant", "Shape", "Sub", "Slice"]  # no MatMul
+    assert shapes.probe_shapes(model, {"x": [1, 5, 12]}, ["n"], known=known) == {"n": (1,)}
+    # without the shape of t, the cut reaches the weight: the whole model runs, same answer
+    assert shapes.shape_subgraph(model, {"x": (1, 5, 12)}, ["n"]) is None
+    assert shapes.probe_shapes(model, {"x": [1, 5, 12]}, ["n"]) == {"n": (1,)}
