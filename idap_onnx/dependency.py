@@ -33,6 +33,7 @@ RESHAPE_DIM = "reshape"  # set shape[axis] of Reshape `node` to the tracked leng
 SPLIT_SIZES = "split"  # set Split sizes to the kept lengths of the outputs in `extra`
 SLICE_BOUNDS = "slice_bounds"  # rewrite Slice start/end at position `axis` for kept elements
 ROWS = "rows"  # in a SLICE's extra (ROWS, g): the tensor holds g joined rows, the constant one
+SCALED = "scaled"  # in a RESHAPE_DIM's extra: a constant factor of a run-time entry (B * H)
 PINNED = "pinned"  # in a RESHAPE_DIM's extra: the entry is a run-time piece, becomes a constant
 
 

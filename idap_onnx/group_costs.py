@@ -19,20 +19,19 @@ from idap_onnx.dependency import SLICE, DependencyGraph
 
 
 def group_macs(graph: DependencyGraph, cost: ModelCost) -> dict[str, int]:
-    """Group id -> MACs of the nodes that produce or consume its channels."""
+    """Group id -> MACs of the nodes that produce, consume or multiply its channels."""
     macs = {n.name: n.macs for n in cost.nodes}
-    return {
-        g.id: sum(macs.get(name, 0) for name in set(g.producers) | set(g.consumers))
-        for g in graph.groups
-    }
+    touching = _touching(graph)
+    return {g.id: sum(macs.get(name, 0) for name in touching[g.id]) for g in graph.groups}
 
 
 def prunable_share(graph: DependencyGraph, cost: ModelCost) -> float:
     """Fraction of the model's MACs in nodes touching at least one non-frozen group."""
+    by_group = _touching(graph)
     touching = set()
     for g in graph.groups:
         if not g.frozen:
-            touching |= set(g.producers) | set(g.consumers)
+            touching |= by_group[g.id]
     total = sum(n.macs for n in cost.nodes)
     part = sum(n.macs for n in cost.nodes if n.name in touching)
     return part / total if total else 0.0
@@ -71,6 +70,24 @@ def predict_macs(graph: DependencyGraph, cost: ModelCost, removal: dict[str, lis
             frac = _activation_matmul_fraction(graph, node, kept)
         total += nc.macs * frac
     return int(round(total))
+
+
+def _touching(graph: DependencyGraph) -> dict[str, set[str]]:
+    """Group id -> its producers and consumers, and the MatMuls of two activations that carry
+    its channels (attention's ``Q K^T`` and ``P V``: removing heads shrinks them too, as
+    ``predict_macs`` counts)."""
+    by_space = {s: g.id for g in graph.groups for s in g.spaces}
+    out = {g.id: set(g.producers) | set(g.consumers) for g in graph.groups}
+    for node in graph.index.nodes:
+        if node.op_type != "MatMul" or any(
+            graph.index.initializer_name(i) is not None for i in node.input
+        ):
+            continue
+        for name in node.input:
+            lay = graph.layouts.get(name)
+            for s in lay.spaces() if lay is not None else ():
+                out[by_space[s]].add(node.name)
+    return out
 
 
 _WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}

@@ -29,10 +29,9 @@ def remove_dead(model: onnx.ModelProto) -> None:
     used = {i for n in graph.node for i in n.input} | outputs
     for sub in _subgraph_inputs(graph):
         used.add(sub)
-    keep = [t for t in graph.initializer if t.name in used]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+    for i in reversed(range(len(graph.initializer))):  # in place: the weights are not copied
+        if graph.initializer[i].name not in used:
+            del graph.initializer[i]
 
 
 def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:

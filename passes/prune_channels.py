@@ -23,6 +23,7 @@ from idap_onnx.dependency import (
     PINNED,
     RESHAPE_DIM,
     ROWS,
+    SCALED,
     SLICE,
     SLICE_BOUNDS,
     SPLIT_SIZES,
@@ -174,7 +175,7 @@ class _Constants:
     def commit(self) -> None:
         inits = {t.name: t for t in self.model.graph.initializer}
         for name, value in self.arrays.items():
-            tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+            tensor = numpy_helper.from_array(np.asarray(value, order="C"), name)  # keeps 0-d
             if name in inits:
                 inits[name].CopyFrom(tensor)
             else:
@@ -240,6 +241,10 @@ def _group_attr(edit: Edit, consts: _Constants, keep, zero: bool) -> None:
 
 
 def _reshape_dim(edit: Edit, consts: _Constants, keep, zero: bool) -> None:
+    if SCALED in edit.extra:  # the factor H of B * H (B is 1 where the layout was taken)
+        old = consts.get(edit.node, edit.input)
+        consts.set(edit.node, edit.input, np.full_like(old, int(keep(edit.tensor).sum())))
+        return
     node = consts.unshare(edit.node, edit.extra[0]) if edit.extra else edit.node
     if PINNED in edit.extra:  # a 1-entry piece read at run time: the kept count, constant
         consts.set(node, edit.input, np.array([int(keep(edit.tensor).sum())], np.int64))

@@ -8,7 +8,13 @@ of it, so the edits are only the constants that spell sizes: Reshape shapes, Spl
 bounds, Resize sizes.
 
 A packed QKV projection reshaped to ``[3, H, D]`` splits into three blocks of heads whose
-head h is one unit (``layout.split_axis`` kind ``packed``). A Reshape target entry read at
+head h is one unit (``layout.split_axis`` kind ``packed``). A split whose outer axis is later
+summed or softmaxed over (ResNeSt's radix), or whose row length is the split tensor's own
+width over a constant, is rows joined element-wise, not heads. A reshape that moves the
+channel axis as a factor of a merged axis (MobileViT's patch unfold ``[B, C, H, W] ->
+[B*C*nh, ph, nw, pw]`` and fold) is cut into common factors (``_reshape_factors``). Torch's
+legacy MHA merges the batch with the heads, ``bsz * num_heads``: the constant factor becomes
+the kept count (edit ``SCALED``). A Reshape target entry read at
 run time from *another* tensor's channel count (``C = x.shape[-1]`` of the residual in Swin's
 and PVT's legacy exports) is resolved by the Reshape itself: a channel entry becomes the kept
 count, a constant (edit ``PINNED``); a head size ``C // H`` keeps ``x``'s width
@@ -23,6 +29,7 @@ import onnx
 from idap_onnx.dependency import (
     PINNED,
     RESHAPE_DIM,
+    SCALED,
     SLICE_BOUNDS,
     SPLIT_SIZES,
     AnalysisContext,
@@ -138,6 +145,7 @@ def reshape(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
                 ctx.decline(node, f"Reshape '{node.name}' separates a head from its channels")
                 return
             inner = inner if inner < lead else inner + len(dst) - len(src)
+            _head_size_known(node, ctx, inner)  # notes a head size read from another width
         if _reshape_edit(node, ctx, axis):
             ctx.set(node.output[0], lay.moved(axis, inner), nz)
         return
@@ -153,6 +161,8 @@ def reshape(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         seg_in, seg_out = mid_in[s0:s1], mid_out[j0:j1]
         if _reshape_middle(node, ctx, lay, nz, seg_in, seg_out, lead + s0, lead + j0):
             return
+    if _reshape_factors(node, ctx, lay, nz, mid_in, mid_out, lead):
+        return
     ctx.decline(
         node,
         f"Reshape '{node.name}': channel axis mixed with other dims (input dims "
@@ -243,6 +253,48 @@ def _reshape_middle(
             ctx.set(node.output[0], new, new_nz)
         return True
     return False
+
+
+def _reshape_factors(
+    node: onnx.NodeProto,
+    ctx: AnalysisContext,
+    lay: Layout,
+    nz: np.ndarray,
+    mid_in: list[int],
+    mid_out: list[int],
+    lead: int,
+) -> bool:
+    """Patch unfold and fold (MobileViT: ``[B, C, H, W] -> [B*C*nh, ph, nw, pw]`` and back),
+    where the channel axis survives as a factor: both sides are cut at every prefix product
+    into common factors; the channel axis splits into its factors (``same`` or ``unflatten``:
+    a merged axis whose channel repeats over the rest) and the channel factor merges with
+    the other factors of the output axis holding it (``merge_axes``: each channel repeats).
+    False (nothing recorded) where the cuts do not nest or the channels are not one factor."""
+    if lay.fold != 1:
+        return False
+    cuts_in = [int(np.prod(mid_in[:i], dtype=np.int64)) for i in range(len(mid_in) + 1)]
+    cuts_out = [int(np.prod(mid_out[:j], dtype=np.int64)) for j in range(len(mid_out) + 1)]
+    cuts = sorted(set(cuts_in) | set(cuts_out))
+    if 0 in cuts or any(b % a for a, b in zip(cuts, cuts[1:], strict=False)):
+        return False
+    factors = [b // a for a, b in zip(cuts, cuts[1:], strict=False)]
+    pos = lay.axis - lead
+    a, b = cuts.index(cuts_in[pos]), cuts.index(cuts_in[pos + 1])
+    if b - a != 1:
+        res = split_axis(lay, factors[a:b])
+        if res is None or res[0] not in ("same", "unflatten"):
+            return False
+        kind, lay, at = res
+        nz = nz.reshape(len(lay), -1).any(axis=1) if kind == "unflatten" else nz
+        a += at
+    j = next(j for j in range(len(mid_out)) if cuts_out[j] <= cuts[a] < cuts_out[j + 1])
+    c0, c1 = cuts.index(cuts_out[j]), cuts.index(cuts_out[j + 1])
+    merged = merge_axes(lay, factors[c0:c1], a - c0, None)
+    flat_nz = Layout(0, nz.astype(np.int64), np.zeros(len(nz), np.int64))
+    merged_nz = merge_axes(flat_nz, factors[c0:c1], a - c0, None).space.astype(bool)
+    if _reshape_edit(node, ctx, lead + j):
+        ctx.set(node.output[0], merged.moved(lead + j), merged_nz)
+    return True
 
 
 def _channel_run(
@@ -366,38 +418,78 @@ def _reshape_edit(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool
         if int(shape[axis]) > 0:
             ctx.edit(RESHAPE_DIM, node, node.output[0], input=1, axis=axis)
         return True
-    piece = ctx.index.producer.get(node.input[1])
-    sizes = (
-        [] if piece is None or piece.op_type != "Concat" else [ctx.shape(p) for p in piece.input]
-    )
-    if not sizes or any(s is None or len(s) != 1 or not isinstance(s[0], int) for s in sizes):
+    slot = _target_slot(ctx, node.input[1], axis)
+    if slot is None:
         ctx.decline(node, f"Reshape '{node.name}': target shape computed at run time")
         return False
-    offsets = np.cumsum([0] + [s[0] for s in sizes])
-    i = int(np.searchsorted(offsets, axis, side="right") - 1)
+    piece, i, entry = slot
     value = ctx.const(piece.input[i])
     if value is not None:
-        if int(np.atleast_1d(value)[axis - offsets[i]]) > 0:
-            ctx.edit(
-                RESHAPE_DIM,
-                piece,
-                node.output[0],
-                input=i,
-                axis=int(axis - offsets[i]),
-                extra=(node.name,),
-            )
+        if int(np.atleast_1d(value)[entry]) > 0:
+            ctx.edit(RESHAPE_DIM, piece, node.output[0], input=i, axis=entry, extra=(node.name,))
         return True
-    source = _shape_source(ctx, piece.input[i], int(axis - offsets[i]))
+    source = _shape_source(ctx, piece.input[i], entry)
+    product = source is None  # B * C * nh: times dims pruning does not change
+    if product:
+        source = _shape_source(ctx, piece.input[i], entry, times_dims=True)
     if _reads_channel_count(ctx, source):  # follows the pruning
-        if source[0] != node.input[0] and sizes[i] == (1,):
+        if source[0] != node.input[0] and ctx.shape(piece.input[i]) == (1,) and not product:
             # another tensor's width: spell the kept count instead (right whether or not
             # that width follows the pruning); ``check_deferred`` then needs no tie
             ctx.edit(RESHAPE_DIM, piece, node.output[0], input=i, axis=0,
                      extra=(node.name, PINNED))
             _note_width_read(ctx, node, axis, "channel", source)
         return True
+    out = ctx.shape(node.output[0])
+    factor = None if out is None else _constant_factor(ctx, piece.input[i], out[axis])
+    if factor is not None:  # torch MHA's bsz * num_heads, bsz 1 here: rewrite num_heads
+        mul, k, reshapes = factor
+        ctx.edit(RESHAPE_DIM, mul, node.output[0], input=k, extra=(node.name, SCALED))
+        for other in reshapes:  # q, k and v share bsz * num_heads: the same heads, or fixed
+            if other is not node:
+                ctx.same_channels_later(node.output[0], other.output[0], f"Reshape '{node.name}'")
+        return True
     ctx.decline(node, f"Reshape '{node.name}': channel dim computed at run time")
     return False
+
+
+def _constant_factor(
+    ctx: AnalysisContext, name: str, count: object
+) -> tuple[onnx.NodeProto, int, list[onnx.NodeProto]] | None:
+    """``(mul, k, reshapes)`` when ``name`` is, through Unsqueeze/Cast, ``Mul(d, c)`` with input
+    ``k``, ``c``, a constant equal to the channel entry ``count`` and ``d`` dims pruning does
+    not change (``_dim_read``, 1 here): rewriting ``c`` to the kept count keeps ``d * c``
+    right. ``reshapes`` are all the Reshapes whose targets read the Mul (they must keep the
+    same count); None where it feeds anything else."""
+    node = ctx.index.producer.get(name)
+    while node is not None and node.op_type in ("Unsqueeze", "Cast", "Squeeze"):
+        node = ctx.index.producer.get(node.input[0])
+    if node is None or node.op_type != "Mul":
+        return None
+    reshapes = _target_readers(ctx, node.output[0])
+    for k in (0, 1):
+        value, other = ctx.const(node.input[k]), node.input[1 - k]
+        is_count = value is not None and value.size == 1 and int(value.ravel()[0]) == count
+        if is_count and reshapes and ctx.const(other) is None and _dim_read(ctx, other):
+            return node, k, reshapes
+    return None
+
+
+def _target_readers(ctx: AnalysisContext, name: str, depth: int = 0) -> list[onnx.NodeProto]:
+    """The Reshapes whose target shape ``name`` feeds through Unsqueeze/Cast/Squeeze/Concat;
+    empty where it feeds anything else."""
+    found = []
+    for user in ctx.index.consumers.get(name, []):
+        if user.op_type == "Reshape" and user.input[1] == name:
+            found.append(user)
+        elif user.op_type in ("Unsqueeze", "Cast", "Squeeze", "Concat") and depth < 4:
+            more = _target_readers(ctx, user.output[0], depth + 1)
+            if not more:
+                return []
+            found += more
+        else:
+            return []
+    return found
 
 
 def _reduced_later(ctx: AnalysisContext, name: str, axis: int, depth: int = 0) -> bool:
@@ -461,6 +553,8 @@ def _note_width_read(
         piece = _target_piece(ctx, node.input[1], j)
         if piece is None:
             return True
+        if piece[1] == 0 and _dim_read(ctx, piece[0]):  # a product of other dims: B * N
+            return False
         return ctx.const(piece[0]) is None and _shape_source(ctx, *piece) in (None, source)
 
     kinds, entries = ctx.width_reads.get((source[0], node.name), ({}, None))
@@ -476,14 +570,25 @@ def _reads_channel_count(ctx: AnalysisContext, source: tuple[str, int] | None) -
     return lay is not None and lay.axis == source[1]
 
 
-def _shape_source(ctx: AnalysisContext, name: str, entry: int = 0) -> tuple[str, int] | None:
+def _shape_source(
+    ctx: AnalysisContext, name: str, entry: int = 0, times_dims: bool = False
+) -> tuple[str, int] | None:
     """``(x, a)`` when entry ``entry`` of ``name`` is ``Shape(x)[a]``: by Gather, or a Slice of
     the shape (dynamo's ``Shape(q)[:-2]`` carries the batch and the heads), optionally
-    Unsqueezed, Squeezed, Cast, divided or multiplied by a constant; else None."""
+    Unsqueezed, Squeezed, Cast, divided or multiplied by a constant; with ``times_dims`` also
+    multiplied by dims that are not a channel count (``_dim_read``: MobileViT's ``B * C *
+    nh``), giving the factor that is. Else None."""
     node = ctx.index.producer.get(name)
     while node is not None and node.op_type in ("Unsqueeze", "Cast", "Div", "Mul", "Squeeze"):
         if node.op_type in ("Div", "Mul") and ctx.const(node.input[1]) is None:
-            return None
+            if not times_dims or node.op_type != "Mul":
+                return None
+            reads = [_shape_source(ctx, i, 0, True) for i in node.input[:2]]
+            channel = [r for r in reads if _reads_channel_count(ctx, r)]
+            others = [i for i, r in zip(node.input[:2], reads, strict=True) if r not in channel]
+            if len(channel) != 1 or not all(_dim_read(ctx, i) for i in others):
+                return None
+            return channel[0]
         node = ctx.index.producer.get(node.input[0])
     if node is None or node.op_type not in ("Gather", "Slice"):
         return None
@@ -500,27 +605,54 @@ def _shape_source(ctx: AnalysisContext, name: str, entry: int = 0) -> tuple[str,
             return None
         i = int(index.ravel()[0])
         return (x, dims[i]) if -len(dims) <= i < len(dims) else None
-    starts, ends = ctx.const(node.input[1]), ctx.const(node.input[2])
-    if starts is None or ends is None:
-        return None
-    picked = dims[int(starts[0]) : int(ends[0])]
+    taken = _sliced_range(ctx, node, len(dims))
+    picked = [] if taken is None else [dims[k] for k in taken]
     return (x, picked[entry]) if 0 <= entry < len(picked) else None
+
+
+def _dim_read(ctx: AnalysisContext, name: str) -> bool:
+    """True when ``name`` is a constant or a product of shape dims none of which is a channel
+    count (a batch or a spatial size): pruning does not change it."""
+    if ctx.const(name) is not None:
+        return True
+    node = ctx.index.producer.get(name)
+    while node is not None and node.op_type in ("Unsqueeze", "Cast", "Squeeze"):
+        node = ctx.index.producer.get(node.input[0])
+    if node is not None and node.op_type == "Mul" and ctx.const(node.input[1]) is None:
+        return all(_dim_read(ctx, i) for i in node.input[:2])
+    source = _shape_source(ctx, name)
+    return source is not None and not _reads_channel_count(ctx, source)
 
 
 def _target_piece(ctx: AnalysisContext, name: str, entry: int) -> tuple[str, int] | None:
     """The tensor and entry that spell entry ``entry`` of the shape vector ``name``, through
     (nested) Concats of 1-D pieces of known length; None where a length is unknown."""
+    producer = ctx.index.producer.get(name)
+    if producer is None or producer.op_type != "Concat":
+        return name, entry
+    slot = _target_slot(ctx, name, entry)
+    return None if slot is None else (slot[0].input[slot[1]], slot[2])
+
+
+def _target_slot(
+    ctx: AnalysisContext, name: str, entry: int
+) -> tuple[onnx.NodeProto, int, int] | None:
+    """``(concat, i, e)``: entry ``entry`` of the shape vector ``name`` is entry ``e`` of input
+    ``i`` of ``concat``, the innermost of (nested) Concats of 1-D pieces of known length
+    (the lengths before it must be known); None where ``name`` is no Concat or a length is
+    unknown."""
+    slot = None
     for _ in range(8):
         piece = ctx.index.producer.get(name)
         if piece is None or piece.op_type != "Concat":
-            return name, entry
+            return slot
         offset = 0
-        for part in piece.input:
+        for i, part in enumerate(piece.input):
             size = (ctx.shape(part) or (None,))[0]
             if not isinstance(size, int):
                 return None
             if offset <= entry < offset + size:
-                name, entry = part, entry - offset
+                slot, name, entry = (piece, i, entry - offset), part, entry - offset
                 break
             offset += size
         else:
@@ -851,13 +983,32 @@ def _shape_use_is_safe(ctx: AnalysisContext, user, pos: int, length: int, source
             return True
         return _feeds_own_reshape(ctx, user.output[0], source)
     if user.op_type == "Slice":
-        starts, ends = ctx.const(user.input[1]), ctx.const(user.input[2])
-        if starts is None or ends is None:
+        picked = _sliced_range(ctx, user, length)
+        if picked is None:
             return False
-        if pos not in range(length)[int(starts[0]) : int(ends[0])]:
+        if pos not in picked:
             return True
         return _feeds_own_reshape(ctx, user.output[0], source)
     return False
+
+
+def _sliced_range(ctx: AnalysisContext, node: onnx.NodeProto, length: int) -> range | None:
+    """The entries a Slice (axis 0, step 1) takes from a vector of ``length``. A run-time bound
+    (legacy MHA's unflatten: ``shape[:dim]``, ``shape[dim + 1:]``) is read off the other
+    bound and the output's known length; None where neither works."""
+    if len(node.input) > 4 and node.input[4]:
+        return None
+    starts, ends = ctx.const(node.input[1]), ctx.const(node.input[2])
+    if starts is not None and ends is not None:
+        return range(length)[int(starts[0]) : int(ends[0])]
+    out_len = (ctx.shape(node.output[0]) or (None,))[0]
+    if not isinstance(out_len, int) or (starts is None and ends is None):
+        return None
+    if starts is not None:
+        start = range(length)[int(starts[0]) :].start
+        return range(start, start + out_len)
+    end = range(length)[: int(ends[0])].stop
+    return range(end - out_len, end)
 
 
 def _feeds_own_reshape(ctx: AnalysisContext, name: str, source: str, depth: int = 0) -> bool:
@@ -870,18 +1021,19 @@ def _feeds_own_reshape(ctx: AnalysisContext, name: str, source: str, depth: int 
         return False
     for user in users:
         if user.op_type == "Concat":
-            reshapes = ctx.index.consumers.get(user.output[0], [])
-            ok = bool(reshapes) and all(
-                r.op_type == "Reshape" and r.input[1] == user.output[0] for r in reshapes
-            )
+            reshapes = _target_readers(ctx, user.output[0])
+            ok = bool(reshapes)
             for r in reshapes if ok else []:
                 if r.input[0] != source:  # checked once the whole graph is analysed
                     ctx.same_channels_later(source, r.input[0], f"Reshape '{r.name}'", r.name)
         elif user.op_type == "Slice":
             ok = user.input[0] == source and name in user.input[1:3]
         elif user.op_type in _ARITH:
-            consts = [i for i in user.input if i != name]
-            ok = all(ctx.const(i) is not None for i in consts) and _feeds_own_reshape(
+            others = [i for i in user.input if i != name]
+            by_dims = user.op_type == "Mul"  # B * C * nh: times dims pruning does not change
+            ok = all(
+                ctx.const(i) is not None or (by_dims and _dim_read(ctx, i)) for i in others
+            ) and _feeds_own_reshape(
                 ctx, user.output[0], source, depth + 1
             )
         else:

@@ -17,6 +17,10 @@ from helpers import (
     parse,
 )
 
+from idap_onnx.accounting import model_cost
+from idap_onnx.group_costs import group_macs, predict_macs, prunable_share
+from idap_onnx.passes.prune_channels import prune_channels
+
 B, S, D, H, HD = 1, 5, 12, 3, 4
 
 
@@ -94,6 +98,22 @@ def test_multi_head_attention_prunes_whole_heads_exactly(style, opset):
     assert init(pruned, "q:1").shape == (D, D - HD)
     assert init(pruned, "o:1").shape == (D - HD, D)
     assert init(pruned, "qb:1").shape == (D - HD,)
+
+
+def test_the_attention_products_count_among_the_macs_heads_shrink():
+    model = mha(SPLIT_SHAPES["constant heads"], MERGE_SHAPES["constant heads"])
+    graph, cost = analyze(model), model_cost(model)
+    macs = {n.name: n.macs for n in cost.nodes}
+    heads = group_of(graph, "q")
+    # Q K^T and P V lose a head's MACs with the head, as predict_macs counts
+    assert group_macs(graph, cost)[heads.id] == sum(
+        macs[n] for n in ("q", "k", "v", "o", "scores", "ctx")
+    )
+    assert prunable_share(graph, cost) == 1.0
+    removal = {heads.id: [1]}
+    assert predict_macs(graph, cost, removal) == model_cost(
+        prune_channels(model, removal, graph=graph)
+    ).macs
 
 
 def test_attention_heads_rewrite_constant_shapes():
@@ -693,3 +713,94 @@ def test_tied_transpose_read_by_two_matmuls_declines_with_what_is_needed():
     graph = analyze(model)
     assert_declined(graph, "y", "contracted channels on one side only")
     assert_declined(graph, "y", "'et'.*Transpose of a constant read by this MatMul only")
+
+
+def test_torch_legacy_mha_merges_the_batch_with_the_heads():
+    # F.multi_head_attention_forward: q.view(tgt_len, bsz * num_heads, head_dim), bsz read at
+    # run time, one Mul shared by q, k and v; the batch is 1 where the layout is taken, so the
+    # constant num_heads becomes the kept count (a 0-d constant stays 0-d)
+    model = parse(
+        f"""
+        g (float[{S},{B},{D}] x) => (float[{S},{B},{D}] y) {{
+            q = MatMul(x, Wq)
+            k = MatMul(x, Wk)
+            v = MatMul(x, Wv)
+            sx = Shape(x)
+            b = Gather(sx, i1)
+            bh = Mul(b, nh_scalar)
+            bh1 = Unsqueeze(bh, ax0)
+            q_split = Concat<axis=0>(s, bh1, hd)
+            k_split = Concat<axis=0>(s, bh1, hd)
+            v_split = Concat<axis=0>(s, bh1, hd)
+            qh = Reshape(q, q_split)
+            kh = Reshape(k, k_split)
+            vh = Reshape(v, v_split)
+            qt = Transpose<perm=[1,0,2]>(qh)
+            kt = Transpose<perm=[1,2,0]>(kh)
+            vt = Transpose<perm=[1,0,2]>(vh)
+            scores = MatMul(qt, kt)
+            probs = Softmax<axis=-1>(scores)
+            ctx = MatMul(probs, vt)
+            ct = Transpose<perm=[1,0,2]>(ctx)
+            merged = Reshape(ct, merge)
+            y = MatMul(merged, Wo)
+        }}""",
+        13,
+        Wq=(D, D),
+        Wk=(D, D),
+        Wv=(D, D),
+        Wo=(D, D),
+        i1=np.array(1, np.int64),
+        nh_scalar=np.array(H, np.int64),
+        ax0=i64(0),
+        s=i64(S),
+        hd=i64(HD),
+        merge=i64(S, B, D),
+    )
+    graph = analyze(model)
+    heads = group_of(graph, "q")
+    assert heads.size == H and not heads.frozen
+    pruned = assert_exact(model, {"q": [1]})
+    assert init(pruned, "bh:1").shape == () and int(init(pruned, "bh:1")) == H - 1
+    assert init(pruned, "merged:1").tolist() == [S, B, D - HD]
+    assert init(pruned, "v:1").shape == (D, D - HD)
+
+
+def test_a_batch_times_heads_shared_with_other_heads_fixes_both():
+    # the same bsz * num_heads also shapes the heads of p, which are not q's: rewriting the
+    # constant for one would break the other, so both are fixed
+    model = parse(
+        f"""
+        g (float[{S},{B},{D}] x) => (float[{S},{B},{D}] y) {{
+            q = MatMul(x, Wq)
+            p = MatMul(x, Wp)
+            sx = Shape(x)
+            b = Gather(sx, i1)
+            bh = Mul(b, nh_scalar)
+            bh1 = Unsqueeze(bh, ax0)
+            q_split = Concat<axis=0>(s, bh1, hd)
+            p_split = Concat<axis=0>(s, bh1, hd)
+            qh = Reshape(q, q_split)
+            ph = Reshape(p, p_split)
+            qr = Relu(qh)
+            pm = Reshape(ph, merge)
+            qm = Reshape(qr, merge)
+            yq = MatMul(qm, Wo)
+            yp = MatMul(pm, Wo2)
+            y = Add(yq, yp)
+        }}""",
+        13,
+        Wq=(D, D),
+        Wp=(D, D),
+        Wo=(D, D),
+        Wo2=(D, D),
+        i1=np.array(1, np.int64),
+        nh_scalar=np.array(H, np.int64),
+        ax0=i64(0),
+        s=i64(S),
+        hd=i64(HD),
+        merge=i64(S, B, D),
+    )
+    graph = analyze(model)
+    assert_frozen(graph, "q", "shaped by the channel count")
+    assert_frozen(graph, "p", "shaped by the channel count")

@@ -15,6 +15,7 @@ from helpers import (
     attr,
     group_of,
     init,
+    node,
     parse,
 )
 
@@ -444,6 +445,60 @@ def test_split_attention_rows_are_channels_of_every_radix_row(radix_entry):
     assert init(pruned, "gc:1").shape == (4, 1, 3, 3)
     assert init(pruned, "f2:1").shape == (4, 4, 1, 1)
     assert init(pruned, "y:1").shape == (5, 2, 1, 1)
+
+
+def test_patch_unfold_and_fold_keep_the_channel_as_a_factor():
+    # MobileViT: [B, C, H, W] -> [B*C*nh, ph, nw, pw] -> [B, C, N, P] -> [B*P, N, C], a linear
+    # layer on the tokens, then back; B * C * nh read at run time from Shape(a)
+    model = parse(
+        """
+        g (float[1,3,4,4] x) => (float[1,5,4,4] y) {
+            a = Conv(x, W1, B1)
+            sa = Shape(a)
+            b = Gather(sa, i0)
+            c = Gather(sa, i1)
+            bc = Mul(b, c)
+            bcn = Mul(bc, nh)
+            lead = Unsqueeze(bcn, ax0)
+            unfold = Concat<axis=0>(lead, p_nw_p)
+            u1 = Reshape(a, unfold)
+            u2 = Transpose<perm=[0,2,1,3]>(u1)
+            u3 = Reshape(u2, b_c_n_p)
+            u4 = Transpose<perm=[0,3,2,1]>(u3)
+            tokens = Reshape(u4, bp_n_c)
+            t = MatMul(tokens, Wt)
+            f1 = Reshape(t, b_p_n_c)
+            f2 = Transpose<perm=[0,3,2,1]>(f1)
+            f3 = Reshape(f2, bcn_p_nw_p)
+            f4 = Transpose<perm=[0,2,1,3]>(f3)
+            f5 = Reshape(f4, b_c_h_w)
+            y = Conv(f5, W2)
+        }""",
+        13,
+        W1=(4, 3, 1, 1),
+        B1=(4,),
+        Wt=(4, 4),
+        W2=(5, 4, 1, 1),
+        i0=np.array(0, np.int64),
+        i1=np.array(1, np.int64),
+        nh=np.array(2, np.int64),
+        ax0=i64(0),
+        p_nw_p=i64(2, 2, 2),
+        b_c_n_p=i64(1, 4, 4, 4),
+        bp_n_c=i64(4, 4, -1),
+        b_p_n_c=i64(1, 4, 4, -1),
+        bcn_p_nw_p=i64(8, 2, 2, 2),
+        b_c_h_w=i64(1, 4, 4, 4),
+    )
+    graph = analyze(model)
+    assert not graph.declined, graph.declined
+    assert not group_of(graph, "a").frozen and not group_of(graph, "t").frozen
+    pruned = assert_exact(model, {"a": [1], "t": [0, 2]})
+    assert init(pruned, "t:1").shape == (3, 2)
+    assert init(pruned, "f3:1").tolist() == [4, 2, 2, 2]  # B * C * nh with 2 of 4 channels
+    assert init(pruned, "f5:1").tolist() == [1, 2, 4, 4]
+    assert init(pruned, "u3:1").tolist() == [1, 3, 4, 4]
+    assert node(pruned, "bcn").op_type == "Mul"  # the run-time entry follows by itself
 
 
 # -- Flatten ----------------------------------------------------------------------------------
@@ -1018,6 +1073,30 @@ def test_shape_sliced_before_the_channel_axis_is_harmless():
         15,
     )
     assert not group_of(analyze(model), "a").frozen
+
+
+def test_shape_sliced_with_a_run_time_end_of_known_length_is_harmless():
+    # legacy MHA's unflatten: shape[:dim] with dim computed (Mod) at run time; the slice's
+    # length (measured by the shape probe) and its start say it stops before the channels
+    model = sandwich(
+        """
+            s = Shape(a)
+            m = Mod(four, three)
+            end = Reshape(m, one)
+            batch = Slice(s, zero, end)
+            target = Concat<axis=0>(batch, c4, hw)
+            t = Reshape(a, target)""",
+        13,
+        four=np.array(4, np.int64),
+        three=np.array(3, np.int64),
+        one=i64(1),
+        zero=i64(0),
+        c4=i64(4),
+        hw=i64(6, 6),
+    )
+    assert not group_of(analyze(model), "a").frozen
+    pruned = assert_exact(model, {"a": [2]})
+    assert init(pruned, "target:1").tolist() == [3]
 
 
 def test_size_reads_the_channel_count():
