@@ -196,14 +196,12 @@ def _reshape_middle(
         merged = merge_axes(
             lay, dims, big_in.index(pos), None if inner is None else big_in.index(inner)
         )
-        flat_nz = Layout(0, nz.astype(np.int64), np.zeros(len(nz), np.int64))
-        merged_nz = merge_axes(flat_nz, dims, big_in.index(pos), None)
         if merged is None:
             ctx.decline(node, f"Reshape '{node.name}' merges a head without its channels")
             return True
         axis = lead_out + big_out[0]
         if _reshape_edit(node, ctx, axis):
-            ctx.set(node.output[0], merged.moved(axis), merged_nz.space.astype(bool))
+            ctx.set(node.output[0], merged.moved(axis), _merged_nz(nz, dims, big_in.index(pos)))
         return True
     if big_in == [pos] and lay.fold == 1:
         res = split_axis(lay, [mid_out[i] for i in big_out])
@@ -290,11 +288,15 @@ def _reshape_factors(
     j = next(j for j in range(len(mid_out)) if cuts_out[j] <= cuts[a] < cuts_out[j + 1])
     c0, c1 = cuts.index(cuts_out[j]), cuts.index(cuts_out[j + 1])
     merged = merge_axes(lay, factors[c0:c1], a - c0, None)
-    flat_nz = Layout(0, nz.astype(np.int64), np.zeros(len(nz), np.int64))
-    merged_nz = merge_axes(flat_nz, factors[c0:c1], a - c0, None).space.astype(bool)
     if _reshape_edit(node, ctx, lead + j):
-        ctx.set(node.output[0], merged.moved(lead + j), merged_nz)
+        ctx.set(node.output[0], merged.moved(lead + j), _merged_nz(nz, factors[c0:c1], a - c0))
     return True
+
+
+def _merged_nz(nz: np.ndarray, dims: list[int], pos: int) -> np.ndarray:
+    """The non-zero flags of the channels of axis ``pos`` after merging ``dims`` (C order)."""
+    flat = Layout(0, nz.astype(np.int64), np.zeros(len(nz), np.int64))
+    return merge_axes(flat, dims, pos, None).space.astype(bool)
 
 
 def _channel_run(

@@ -715,6 +715,17 @@ def test_tied_transpose_read_by_two_matmuls_declines_with_what_is_needed():
     assert_declined(graph, "y", "'et'.*Transpose of a constant read by this MatMul only")
 
 
+#: the constants of torch's legacy MHA views: ``bsz = Shape(x)[1]``, ``bsz * num_heads``
+LEGACY_MHA_SHAPES = {
+    "i1": np.array(1, np.int64),
+    "nh_scalar": np.array(H, np.int64),
+    "ax0": i64(0),
+    "s": i64(S),
+    "hd": i64(HD),
+    "merge": i64(S, B, D),
+}
+
+
 def test_torch_legacy_mha_merges_the_batch_with_the_heads():
     # F.multi_head_attention_forward: q.view(tgt_len, bsz * num_heads, head_dim), bsz read at
     # run time, one Mul shared by q, k and v; the batch is 1 where the layout is taken, so the
@@ -750,12 +761,7 @@ def test_torch_legacy_mha_merges_the_batch_with_the_heads():
         Wk=(D, D),
         Wv=(D, D),
         Wo=(D, D),
-        i1=np.array(1, np.int64),
-        nh_scalar=np.array(H, np.int64),
-        ax0=i64(0),
-        s=i64(S),
-        hd=i64(HD),
-        merge=i64(S, B, D),
+        **LEGACY_MHA_SHAPES,
     )
     graph = analyze(model)
     heads = group_of(graph, "q")
@@ -794,12 +800,7 @@ def test_a_batch_times_heads_shared_with_other_heads_fixes_both():
         Wp=(D, D),
         Wo=(D, D),
         Wo2=(D, D),
-        i1=np.array(1, np.int64),
-        nh_scalar=np.array(H, np.int64),
-        ax0=i64(0),
-        s=i64(S),
-        hd=i64(HD),
-        merge=i64(S, B, D),
+        **LEGACY_MHA_SHAPES,
     )
     graph = analyze(model)
     assert_frozen(graph, "q", "shaped by the channel count")
