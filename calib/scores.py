@@ -62,9 +62,16 @@ from __future__ import annotations
 import numpy as np
 
 from idap_onnx.calib.stats import WEIGHTED, CalibStats
-from idap_onnx.conv_taps import TapPatterns, mean_spread, tap_patterns, valid_energy
+from idap_onnx.conv_taps import (
+    TapPatterns,
+    dense_weight,
+    mean_spread,
+    tap_patterns,
+    valid_energy,
+)
 from idap_onnx.dependency import SLICE, DependencyGraph
 from idap_onnx.errors import UsageError
+from idap_onnx.graph import attr
 from idap_onnx.planner import weight_scores
 
 UNIT_SCORES = ("idap", "paper", "wanda", "l1", "l2", "random")
@@ -162,6 +169,8 @@ def _consumer_terms(graph: DependencyGraph, stats: CalibStats, mean_compensation
         if x not in stats.channel_sumsq:
             continue
         w = graph.index.constant(node.input[edit.input]).astype(np.float64)
+        if node.op_type == "Conv":  # a grouped Conv pruned per group: its group-1 equal
+            w = dense_weight(w, int(attr(node, "group", 1)))
         y = node.output[0]
         out_energy = stats.energy.get(stats.flow.get(y, y), 0.0) / n
         if out_energy <= 0:

@@ -14,6 +14,10 @@ everything that assumes every output sums the whole kernel:
 - the flow-divergence score (``calib.scores``): what removing ``c`` changes in the output,
   summed over positions, counts only valid taps.
 
+A grouped Conv whose inputs are pruned per group (ResNeSt's radix rows, ``oprules.conv_gemm``)
+enters both as the group-1 Conv it equals (``dense_weight``: zeros where an output does not read
+an input).
+
 The valid-tap mask of an output position is a product of one mask per spatial axis, and along
 an axis only the few outputs near a border differ from the interior, so the positions fall into
 a handful of *patterns* (at most ``(k + 1)^2`` for a k x k kernel, whatever the image size):
@@ -160,3 +164,16 @@ def valid_energy(w: np.ndarray, taps: TapPatterns) -> np.ndarray:
     o, c = w.shape[:2]
     cols = w.reshape(o, c, -1).astype(np.float64)
     return (cols**2).sum(axis=0) @ taps.valid
+
+
+def dense_weight(w: np.ndarray, groups: int) -> np.ndarray:
+    """The ``[O, I, k...]`` weight of the group-1 Conv equal to a Conv with ``groups`` groups
+    and weight ``w`` ``[O, I / groups, k...]``: output block g reads input block g only."""
+    if groups == 1:
+        return w
+    per_out, per_in = w.shape[0] // groups, w.shape[1]
+    dense = np.zeros((w.shape[0], per_in * groups, *w.shape[2:]), dtype=w.dtype)
+    for g in range(groups):
+        rows, cols = slice(g * per_out, (g + 1) * per_out), slice(g * per_in, (g + 1) * per_in)
+        dense[rows, cols] = w[rows]
+    return dense

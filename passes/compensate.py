@@ -17,8 +17,9 @@ the image, see below), after which removal loses only the centred part (the vari
   (least squares over the output positions): border outputs, which see fewer taps, receive
   less of it than interior ones, and the bias gives each the average. It is the average at
   the image size the graph was analysed at (``optimize``: the calibration samples' own); on
-  larger images the borders weigh less and it moves toward the whole-kernel sum. Grouped and
-  depthwise Convs read their inputs per group and record no consumer edit: skipped.
+  larger images the borders weigh less and it moves toward the whole-kernel sum. A Conv grouped
+  by rows (``oprules.conv_gemm``) is taken as the group-1 Conv it equals
+  (``conv_taps.dense_weight``); depthwise and whole-group Convs record no consumer edit.
 - ConvTranspose (group 1), W ``[I, O, k...]``: ``b[o] += sum_e sum_k W[e, o, k] mu_e / prod(s)``
   for strides s (each output position receives about ``1 / prod(s)`` of the kernel taps).
 - Gemm ``alpha A' B' + beta C`` (``transB`` respected): ``C += alpha / beta * mu_r B'[r]``;
@@ -51,7 +52,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from idap_onnx.conv_taps import tap_patterns
+from idap_onnx.conv_taps import dense_weight, tap_patterns
 from idap_onnx.dependency import SLICE, DependencyGraph, analyze_model
 from idap_onnx.errors import SurgeryError, UsageError
 from idap_onnx.graph import GraphIndex, Shape, attr
@@ -311,10 +312,10 @@ def _add_to_bias(params: Params, node: onnx.NodeProto, i: int, delta: np.ndarray
 
 def _conv(params: Params, node: onnx.NodeProto, removed: np.ndarray, mu: np.ndarray,
           shape: Shape | None) -> None:
-    if int(attr(node, "group", 1)) != 1:
-        return  # grouped / depthwise: per-group inputs, no consumer edit; nothing to fold
     w = _weight(params, node)
-    cols = w[:, removed].astype(np.float64)  # [O, r, k...]
+    # grouped by rows (the only grouped Convs with a consumer edit): its group-1 equal
+    dense = dense_weight(w, int(attr(node, "group", 1)))
+    cols = dense[:, removed].astype(np.float64)  # [O, r, k...]
     cols = cols.reshape(cols.shape[0], cols.shape[1], -1)
     taps = tap_patterns(node, shape, w.shape)
     cover = taps.cover if taps is not None else np.ones(cols.shape[2])

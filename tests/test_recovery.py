@@ -17,6 +17,7 @@ from activations import pull
 from onnx import numpy_helper
 
 from idap_onnx.calib.refit import LayerRefit, refit
+from idap_onnx.calib.scores import unit_scores
 from idap_onnx.calib.stats import collect, plan_probes
 from idap_onnx.dependency import analyze_model
 from idap_onnx.errors import UsageError
@@ -199,6 +200,59 @@ def test_matmul_add_constant_unit_exact(mlp):
     comp = prune_with_compensation(model, {gid: [7]}, means)
     assert _err(comp, model, data) < 1e-5
     assert _err(prune_channels(model, {gid: [7]}, graph=graph), model, data) > 1e-3
+
+
+class RadixRows(nn.Module):
+    """ResNeSt's radix rows: a 1x1 stem, a 1x1 conv with one conv group per row, the two rows
+    summed (``x.reshape(b, radix, c // radix, h, w).sum(1)``), mean, Linear."""
+
+    def __init__(self, groups: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.rows = nn.Conv2d(8, 12, 1, groups=groups)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        r = torch.relu(self.rows(torch.relu(self.stem(x))))
+        b, c, h, w = r.shape
+        return self.head(r.reshape(b, 2, c // 2, h, w).sum(1).mean(dim=(2, 3)))
+
+
+def test_a_constant_unit_read_by_a_conv_grouped_by_rows_is_removed_exactly(tmp_path):
+    # stem channels i and i + 4 (input i of each conv group) are one unit; made constant, the
+    # grouped conv folds their means into its bias as the group-1 conv it equals would
+    torch.manual_seed(4)
+    model = _export(RadixRows(), (2, 3, 8, 8), tmp_path / "radix.onnx")
+    for unit in (1, 5):
+        model = _constant_unit(model, "stem.weight", "stem.bias", unit, 0.7)
+    data = _images((8, 3, 8, 8), 2, seed=0)
+    graph, means = _means(model, data)
+    gid = _group_of(graph, "/stem/Conv")
+    group = next(g for g in graph.groups if g.id == gid)
+    assert sorted(group.units[1][group.spaces[0]].tolist()) == [1, 5]
+    comp = prune_with_compensation(model, {gid: [1]}, means)
+    assert _err(comp, model, data) < 1e-5
+    assert _err(prune_channels(model, {gid: [1]}, graph=graph), model, data) > 1e-3
+
+
+def test_a_conv_grouped_by_rows_scores_its_inputs_as_the_group_1_conv_it_equals(tmp_path):
+    torch.manual_seed(4)
+    grouped, dense = RadixRows(), RadixRows(groups=1)
+    dense.load_state_dict({**grouped.state_dict(), "rows.weight": torch.block_diag(
+        *grouped.rows.weight[:, :, 0, 0].detach().split(6)).reshape(12, 8, 1, 1)})
+    data = _images((8, 3, 8, 8), 2, seed=0)
+    scores = []
+    for name, module in (("grouped", grouped), ("dense", dense)):
+        model = _export(module, (2, 3, 8, 8), tmp_path / f"{name}.onnx")
+        graph = analyze_model(model)
+        stats = collect(model, plan_probes(graph), data, device="cpu")
+        scores.append(unit_scores(graph, stats, "idap", coherence=False)[
+            _group_of(graph, "/stem/Conv")])
+    by_rows, by_channel = scores
+    assert len(by_rows) == 4 and len(by_channel) == 8  # channels i and i + 4 are one unit
+    # additive: a unit's score^2 is the sum of its channels' (stem channel i feeds conv group
+    # i // 4 only, so the rows' consumer counts it once, as the dense conv does)
+    np.testing.assert_allclose(by_rows**2, by_channel[:4] ** 2 + by_channel[4:] ** 2, rtol=1e-4)
 
 
 class PaddedCNN(nn.Module):
