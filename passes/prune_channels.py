@@ -212,7 +212,10 @@ def _slice(edit: Edit, consts: _Constants, keep, zero: bool) -> None:
     arr = consts.get(edit.node, edit.input)
     mask = keep(edit.tensor)
     if ROWS in edit.extra:  # g joined rows (equal masks): the constant holds one
-        mask = mask.reshape(int(edit.extra[1]), -1)[0]
+        rows = mask.reshape(int(edit.extra[1]), -1)
+        if not (rows == rows[0]).all():
+            raise SurgeryError(f"node '{edit.node}': its joined rows keep different channels")
+        mask = rows[0]
     if arr.shape[edit.axis] == 1:
         return
     if arr.shape[edit.axis] != len(mask):
