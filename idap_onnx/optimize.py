@@ -47,6 +47,7 @@ from idap_onnx.model_io import normalized
 from idap_onnx.passes.prune_channels import prune_channels
 from idap_onnx.passes.remove_blocks import remove_blocks
 from idap_onnx.planner import PlanConfig, plan_removal
+from idap_onnx.shapes import shapes_as_input
 
 Batch = Mapping[str, np.ndarray]
 
@@ -325,7 +326,7 @@ def optimize(
             current, final = tuned, ev
         else:
             say("final fine-tuning did not help; keeping the model before it")
-    result.model = current
+    result.model = shapes_as_input(current, model)  # the runtime fuses as for the original
     result.final = {
         "params": cost.params,
         "macs": cost.macs,

@@ -32,6 +32,7 @@ from idap_onnx.optimize import OptimizeConfig, OptimizeResult, optimize
 from idap_onnx.optimize_report import render_markdown, write_plots
 from idap_onnx.passes.prune_channels import prune_channels
 from idap_onnx.passes.remove_blocks import remove_blocks
+from idap_onnx.shapes import shapes_as_input
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ def run_optimize(
     result = optimize(prep.model, prep.calib, prep.evaluator, config, progress=progress)
     if config.precision != "fp32":
         export_within_budget(prep, result, progress=progress)
+    result.model = shapes_as_input(result.model, prep.model)
     if config.latency != "off":
         models = {"original": prep.model, "optimized": result.model}
         if result.exported is not None:

@@ -560,3 +560,16 @@ def _best_of(old: onnx.ModelProto, new: onnx.ModelProto) -> onnx.ModelProto:
 
 def _unknowns(shape: Shape) -> int:
     return sum(1 for d in shape if not isinstance(d, int))
+
+
+def shapes_as_input(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without the ``value_info`` the surgery inferred when ``original`` had none.
+
+    A runtime reads a graph's recorded shapes: ONNX Runtime fuses ``Add`` + ``LayerNormalization``
+    into ``SkipLayerNormalization`` only where the shapes are recorded (MiniLM: 6-9 % slower on
+    this AVX-512 CPU than the unfused graph). The result is then the graph the user gave, less
+    channels, and its latency compares with the original's like for like."""
+    if len(original.graph.value_info) or not len(model.graph.value_info):
+        return model
+    del model.graph.value_info[:]
+    return model

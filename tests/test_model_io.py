@@ -584,3 +584,12 @@ def test_probe_runs_only_the_shape_subgraph_where_known_shapes_cut_it():
     # without the shape of t, the cut reaches the weight: the whole model runs, same answer
     assert shapes.shape_subgraph(model, {"x": (1, 5, 12)}, ["n"]) is None
     assert shapes.probe_shapes(model, {"x": [1, 5, 12]}, ["n"]) == {"n": (1,)}
+
+
+def test_the_result_records_shapes_only_where_the_input_did():
+    original = _conv_model()
+    inferred = infer_shapes(original)  # records c
+    assert inferred.graph.value_info
+    assert not shapes.shapes_as_input(inferred, original).graph.value_info
+    again = infer_shapes(original)
+    assert shapes.shapes_as_input(again, infer_shapes(original)).graph.value_info

@@ -590,6 +590,7 @@ def fit_scale(table: LatencyTable, model, graph, feed, measure, kw, progress=Non
     Sub-graphs timed alone miss the layout changes and cache effects of their neighbours,
     so the mapping is measured, not assumed."""
     from idap_onnx.passes.prune_channels import prune_channels
+    from idap_onnx.shapes import shapes_as_input
 
     models, widths = {"model": model}, {}
     for f in PROBE_WIDTHS:
@@ -603,8 +604,9 @@ def fit_scale(table: LatencyTable, model, graph, feed, measure, kw, progress=Non
             if cut > 0:
                 removal[g.id] = g.prunable_units[len(g.prunable_units) - cut:]
                 w[c.key] = g.size - cut
-        if removal:
-            models[f"probe {f:g}"] = prune_channels(model, removal, graph=graph)
+        if removal:  # timed as optimize writes its result (``shapes.shapes_as_input``)
+            probe = prune_channels(model, removal, graph=graph)
+            models[f"probe {f:g}"] = shapes_as_input(probe, model)
             widths[f"probe {f:g}"] = w
     report = measure(models, feed, rounds=5, per_round=10, warmup=3, max_seconds=30, **kw)
     m = report.timings["model"].median_ms
