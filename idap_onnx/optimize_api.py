@@ -182,7 +182,6 @@ def run_optimize(
     result = optimize(prep.model, prep.calib, prep.evaluator, config, progress=progress)
     if config.precision != "fp32":
         export_within_budget(prep, result, progress=progress)
-    result.model = shapes_as_input(result.model, prep.model)
     if config.latency != "off":
         models = {"original": prep.model, "optimized": result.model}
         if result.exported is not None:
@@ -249,7 +248,7 @@ def export_within_budget(
     if back:
         cost = model_cost(fp32, shapes)
         f = ev.evaluate(fp32)
-        result.model = fp32
+        result.model = shapes_as_input(fp32, prep.model)  # as optimize returns its result
         result.final = {"params": cost.params, "macs": cost.macs, "metric": f.metric,
                         "error": f.rel_error, "drop": ev.drop(f)}
         result.kept = _kept_counts(prep.model, fp32)

@@ -17,7 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
@@ -27,13 +26,9 @@ import zoo  # noqa: E402
 
 from idap_onnx.model_io import load_model  # noqa: E402
 from idap_onnx.torch_graph import OnnxModule, unsupported_ops  # noqa: E402
+from idap_onnx.verify import rel_l2  # noqa: E402
 
 TOLERANCE = 1e-5
-
-
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def parity(name: str) -> float:

@@ -463,9 +463,7 @@ def _constant_factor(
     not change (``_dim_read``, 1 here): rewriting ``c`` to the kept count keeps ``d * c``
     right. ``reshapes`` are all the Reshapes whose targets read the Mul (they must keep the
     same count); None where it feeds anything else."""
-    node = ctx.index.producer.get(name)
-    while node is not None and node.op_type in ("Unsqueeze", "Cast", "Squeeze"):
-        node = ctx.index.producer.get(node.input[0])
+    node = _past_casts(ctx, name)
     if node is None or node.op_type != "Mul":
         return None
     reshapes = _target_readers(ctx, node.output[0])
@@ -519,12 +517,17 @@ def _reduced_later(ctx: AnalysisContext, name: str, axis: int, depth: int = 0) -
     return False
 
 
+def _entry_source(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> tuple[str, int] | None:
+    """``_shape_source`` of target entry ``axis`` of Reshape ``node`` (through its Concats)."""
+    piece = _target_piece(ctx, node.input[1], axis)
+    return None if piece is None else _shape_source(ctx, *piece)
+
+
 def _reads_own_width(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool:
     """True when target entry ``axis`` is the split tensor's own channel count over a
     constant, ``Shape(x)[c] / g`` (ResNeSt's ``[B, radix, C // radix, H, W]``): as the size of
     heads it would not follow the pruning, as the row length of ``g`` joined rows it does."""
-    piece = _target_piece(ctx, node.input[1], axis)
-    source = None if piece is None else _shape_source(ctx, *piece)
+    source = _entry_source(node, ctx, axis)
     return source is not None and source[0] == node.input[0] and _reads_channel_count(ctx, source)
 
 
@@ -535,8 +538,7 @@ def _head_size_known(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> b
     ``C // num_heads`` read from the residual width)."""
     if _target_entry(node, ctx, axis) is not None:
         return True
-    piece = _target_piece(ctx, node.input[1], axis)
-    source = None if piece is None else _shape_source(ctx, *piece)
+    source = _entry_source(node, ctx, axis)
     if source is None or source[0] == node.input[0]:
         return False
     if _reads_channel_count(ctx, source):
@@ -617,13 +619,19 @@ def _dim_read(ctx: AnalysisContext, name: str) -> bool:
     count (a batch or a spatial size): pruning does not change it."""
     if ctx.const(name) is not None:
         return True
-    node = ctx.index.producer.get(name)
-    while node is not None and node.op_type in ("Unsqueeze", "Cast", "Squeeze"):
-        node = ctx.index.producer.get(node.input[0])
+    node = _past_casts(ctx, name)
     if node is not None and node.op_type == "Mul" and ctx.const(node.input[1]) is None:
         return all(_dim_read(ctx, i) for i in node.input[:2])
     source = _shape_source(ctx, name)
     return source is not None and not _reads_channel_count(ctx, source)
+
+
+def _past_casts(ctx: AnalysisContext, name: str) -> onnx.NodeProto | None:
+    """The producer of ``name`` seen through Unsqueeze, Cast and Squeeze (a scalar's wrappers)."""
+    node = ctx.index.producer.get(name)
+    while node is not None and node.op_type in ("Unsqueeze", "Cast", "Squeeze"):
+        node = ctx.index.producer.get(node.input[0])
+    return node
 
 
 def _target_piece(ctx: AnalysisContext, name: str, entry: int) -> tuple[str, int] | None:
