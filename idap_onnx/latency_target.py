@@ -5,9 +5,17 @@
   runtime's known multiple (16 channels for ONNX Runtime's CPU provider with AVX-512, 8 with
   AVX2; 8 for fp16 and 32 for INT8 on TensorRT). An integer ``round_to`` overrides both.
 - Target (``target_latency``, needs a table, built here or loaded from ``latency_table``):
-  units are ranked by score per millisecond saved, ``D_f^2 / (k dT_g/du)`` with ``dT_g/du``
-  the group's time saved per unit cut (``GroupCurve.saving_per_unit``) and ``k`` the
-  table's scale, and stage 1 stops once the predicted latency ``L(w)`` reaches the target.
+  units are ranked by score per millisecond saved, ``D_f^2 / (k dT_g/du + b dW_g/du)`` with
+  ``dT_g/du`` the group's sub-graph time saved per unit cut (``GroupCurve.saving_per_unit``),
+  ``dW_g/du`` its weight bytes per unit and ``k``, ``b`` the table's fitted mapping
+  (``LatencyTable.unit_saving``), and stage 1 stops once the predicted latency ``L(w)``
+  reaches the target.
+- Landing (``refines``): with a target and a table measured by this run, ``optimize`` times
+  its result against the original; more than ``LANDING_TOLERANCE`` off the target, the
+  result joins the table's probes (``LatencyTable.add_result``) and stage 1 plans again from
+  the original, at most ``LANDING_PASSES`` times, each pass timed. The pass measured nearest
+  the target is kept, with the table as it was when it planned (``keep_probes``): the table
+  saved beside the report gives that model again without timing anything.
 - Stage 2 removes whole blocks, which the table does not hold: their saving is predicted in
   proportion to the MACs they remove.
 
@@ -17,7 +25,7 @@ Planning reads the table only: the same table and seed give the same model.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -45,6 +53,8 @@ class LatencyPlan:
     source: str = "known multiple"
     target_ms: float | None = None
     target_text: str | None = None
+    measured_here: bool = False  # the table was measured by this run (not loaded)
+    landing: list[dict] = field(default_factory=list)  # the measured passes (``optimize``)
 
     @staticmethod
     def prepare(model: onnx.ModelProto, calib: Sequence[Mapping[str, np.ndarray]], config,
@@ -68,14 +78,34 @@ class LatencyPlan:
             plan.table = build_table(model, target, example_feed(calib, target.batch),
                                      device=config.device, show=True)
             plan.source = "table measured for this run"
+            plan.measured_here = True
             say(f"latency table: {len(plan.table.groups)} groups in "
                 f"{plan.table.seconds:.1f} s; model {plan.table.model_ms:.3f} ms, "
-                f"scale {plan.table.scale:.2f}")
+                f"k {plan.table.scale:.2f}, b {plan.table.ms_per_mb:.4f} ms/MB")
         if config.target_latency is not None:
             kind, value = parse_target_latency(config.target_latency)
             plan.target_text = str(config.target_latency)
             plan.target_ms = value * plan.table.model_ms if kind == "fraction" else value
         return plan
+
+    @property
+    def refines(self) -> bool:
+        """Whether ``optimize`` measures its result and plans again toward the target: with
+        a target and a table this run measured. A loaded table is never re-measured, so the
+        same table and seed give the same model."""
+        return self.target_ms is not None and self.table is not None and self.measured_here
+
+    def measure_against(self, original: onnx.ModelProto, result: onnx.ModelProto,
+                        calib: Sequence[Mapping[str, np.ndarray]], device: str
+                        ) -> tuple[float, float]:
+        """(original ms, result ms): both timed in turns on the table's target."""
+        from idap_onnx.deploy.latency import example_feed, measure
+
+        t = self.table.target
+        report = measure({"original": original, "result": result},
+                         example_feed(calib, t.batch), backend=t.runtime, device=device,
+                         threads=t.threads, rounds=25, per_round=10, warmup=3, max_seconds=30)
+        return report.timings["original"].median_ms, report.timings["result"].median_ms
 
     def multiples(self, graph) -> dict[str, int] | None:
         """Group id -> kept counts are multiples of this (units); None with an explicit
@@ -110,7 +140,7 @@ class LatencyPlan:
         out = {}
         for g in graph.groups:
             curve = self.table.groups.get(group_key(g))
-            saving = curve.saving_per_unit(g.size) * self.table.scale if curve else 0.0
+            saving = self.table.unit_saving(curve, g.size) if curve else 0.0
             out[g.id] = np.asarray(scores[g.id], dtype=np.float64) / max(saving, 1e-9)
         return out
 
@@ -139,11 +169,13 @@ class LatencyPlan:
                 "steps_in_channels": dict(sorted(steps.items(), key=lambda kv: int(kv[0]))),
                 "seconds": round(t.seconds, 2),
                 "scale": round(t.scale, 4),
+                "ms_per_mb": round(t.ms_per_mb, 5),
                 "probes": t.probes,
                 "original_ms": t.model_ms,
                 "path": None,
             },
             "predicted_ms": None if predicted_ms is None else round(predicted_ms, 6),
+            "landing": self.landing,
         }
 
 

@@ -282,41 +282,53 @@ def optimize(
         final={},
     )
     result.table = lat.table
-    current, cost = model, cost0
     train, cut = _training_samples(calib_batches, model) if config.finetune or config.refit else (
         None, False)
     refit_calib = _refit_batches(calib_batches, train, cut) if config.refit else calib_batches
     train = train if config.finetune else None
-    if 1 in config.stages:
-        current, cost = _stage1(
-            current,
-            cost,
-            calib_batches,
-            evaluator,
-            config,
-            shapes,
-            (kind, limit),
-            targets,
-            result,
-            say,
-            teacher=model,
-            train=train,
-            refit_calib=refit_calib,
-            lat=lat,
-        )
-    if 2 in config.stages and not _met(cost, targets, result.predicted_ms):
-        current, cost = _stage2(
-            current,
-            cost,
-            calib_batches,
-            evaluator,
-            config,
-            shapes,
-            (kind, limit),
-            targets,
-            result,
-            say,
-        )
+
+    def stages(result: OptimizeResult) -> tuple[onnx.ModelProto, object]:
+        current, cost = model, cost0
+        if 1 in config.stages:
+            current, cost = _stage1(
+                current, cost, calib_batches, evaluator, config, shapes, (kind, limit),
+                targets, result, say, teacher=model, train=train, refit_calib=refit_calib,
+                lat=lat,
+            )
+        if 2 in config.stages and not _met(cost, targets, result.predicted_ms):
+            current, cost = _stage2(
+                current, cost, calib_batches, evaluator, config, shapes, (kind, limit),
+                targets, result, say,
+            )
+        return current, cost
+
+    current, cost = stages(result)
+    passes = []  # (|off|, pass, model, cost, result, probes that planned it)
+    for attempt in range(LANDING_PASSES + 1 if lat.refines else 0):
+        if result.removed_blocks:  # the table holds channel widths, not blocks
+            break
+        t_orig, t_cur = lat.measure_against(model, shapes_as_input(current, model),
+                                            calib_batches, config.device)
+        off = (t_cur / t_orig) / (lat.target_ms / lat.table.model_ms) - 1
+        lat.landing.append({"pass": attempt + 1, "original_ms": t_orig, "result_ms": t_cur,
+                            "fraction": round(t_cur / t_orig, 4), "off": round(off, 4)})
+        passes.append((abs(off), attempt, current, cost, result, len(lat.table.probes)))
+        say(f"landing: the result measured {t_cur:.3f} ms against the original's {t_orig:.3f} "
+            f"({t_cur / t_orig:.3f} of it; {off:+.1%} off the target)")
+        if abs(off) <= LANDING_TOLERANCE or attempt == LANDING_PASSES:
+            break
+        widths = lat.table.widths_of(analyze_model(current, shapes))
+        lat.table.add_result(f"result {attempt + 1}", widths, t_orig, t_cur)
+        say(f"landing: the table learns the measured result (k {lat.table.scale:.3f}, b "
+            f"{lat.table.ms_per_mb:.4f} ms/MB) and stage 1 plans again from the original")
+        result = _fresh(result)
+        current, cost = stages(result)
+    if passes:  # the pass measured nearest the target, with the table that planned it
+        _, kept, current, cost, result, probes = min(passes, key=lambda p: (p[0], p[1]))
+        lat.table.keep_probes(probes)
+        lat.landing[kept]["kept"] = True
+        if kept + 1 < len(passes):
+            say(f"landing: keeping pass {kept + 1}, the one measured nearest the target")
     final = evaluator.evaluate(current)
     if config.finetune and current is not model:
         tuned = _finetuned(current, model, train, config, config.finetune_epochs, say)
@@ -339,6 +351,17 @@ def optimize(
     _judge_targets(result, cost, cost0, targets, config)
     result.seconds = time.perf_counter() - start
     return result
+
+
+LANDING_PASSES = 2  # with --target-latency and a table measured in this run: replans at most
+LANDING_TOLERANCE = 0.05  # a measured result this close to the target (relative) is kept
+
+
+def _fresh(result: OptimizeResult) -> OptimizeResult:
+    """An empty result of the same run (a new landing pass starts from the original)."""
+    return OptimizeResult(model=result.model, config=result.config,
+                          metric_name=result.metric_name, provider=result.provider,
+                          original=result.original, final={}, table=result.table)
 
 
 def _judge_targets(result: OptimizeResult, cost, cost0, targets, config: OptimizeConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from idap_onnx.accounting import format_count
+from idap_onnx.optimize import LANDING_TOLERANCE
 
 
 def render_markdown(report: dict, plots: dict[str, str]) -> str:
@@ -161,7 +162,8 @@ def _plan_lines(plan: dict | None, lat: dict | None) -> list[str]:
     if table:
         steps = ", ".join(f"{n} group(s) step {k}" for k, n in table["steps_in_channels"].items())
         lines.append(f"- latency table: {table['target']}; {table['groups']} groups ({steps}), "
-                     f"measured in {table['seconds']:.1f} s, scale {table['scale']:.3f}"
+                     f"measured in {table['seconds']:.1f} s, k {table['scale']:.3f}, "
+                     f"b {table.get('ms_per_mb', 0.0):.4f} ms/MB"
                      + (f", saved to `{table['path']}`" if table.get("path") else ""))
         measured = ""
         if lat and "optimized" in lat["timings"]:
@@ -172,6 +174,14 @@ def _plan_lines(plan: dict | None, lat: dict | None) -> list[str]:
     if plan.get("target_ms") is not None:
         lines.append(f"- target latency: {plan['target_latency']} = {plan['target_ms']:.3f} ms "
                      f"(predicted {plan['predicted_ms']:.3f} ms)")
+    if plan.get("landing"):
+        passes = "; ".join(f"pass {p['pass']}: {p['result_ms']:.3f} of {p['original_ms']:.3f} ms "
+                           f"({p['fraction']:.3f}{', kept' if p.get('kept') else ''})"
+                           for p in plan["landing"])
+        lines.append(f"- landing on the target, measured: {passes}. A pass more than "
+                     f"{LANDING_TOLERANCE:.0%} off joined the table's probes and stage 1 "
+                     "planned again from the original; the pass measured nearest the target "
+                     "is the result, and the saved table is the one that planned it")
     return lines + [""]
 
 

@@ -56,6 +56,19 @@ def test_models_take_turns_and_the_speedup_is_the_ratio_of_medians():
     assert report.to_dict()["timings"]["optimized"]["runs"] == 12
 
 
+def test_timed_sessions_stop_spinning_when_their_run_returns(tmp_path):
+    """Models take turns: an idle session's threads must not spin on the CPUs the next one is
+    timed on (``latency`` module docstring)."""
+    from idap_onnx.deploy.latency import SPIN_STOP, _OrtRunner
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(64), path)
+    runner = _OrtRunner(path, example_feed(_batches(1, 4), batch=1), "cpu")
+    options = runner.session.get_session_options()
+    assert options.get_session_config_entry(SPIN_STOP) == "1"
+    assert runner.run() > 0
+
+
 def test_max_seconds_ends_the_rounds_after_the_first():
     report = measure(
         {"a": _mlp(64)}, {"x": np.ones((1, 32), np.float32)}, rounds=50, per_round=2,

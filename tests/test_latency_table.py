@@ -176,6 +176,38 @@ def test_a_group_sub_graph_runs_and_prunes_exactly(digits):
     ort.InferenceSession(cut.SerializeToString()).run(None, feed)
 
 
+def test_a_bias_reshaped_from_a_weight_stays_a_weight_in_the_sub_graph():
+    """Paddle adds a conv's bias as ``Add(conv, Reshape(b, [1, C, 1, 1]))``. The sub-graph
+    keeps the ``Reshape`` of the weight: fed as a random input instead, the sub-graph's
+    analysis would freeze the group (an ``Add`` with an untracked operand) and the group
+    would get no curve."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from idap_onnx.deploy.latency_table import _elem_types
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((96, 3, 3, 3)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(rng.standard_normal(96).astype(np.float32), "b1")
+    shape = numpy_helper.from_array(np.array([1, 96, 1, 1], np.int64), "shape")
+    w2 = numpy_helper.from_array(rng.standard_normal((8, 96, 1, 1)).astype(np.float32), "w2")
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+         helper.make_node("Reshape", ["b1", "shape"], ["bias"], name="bias"),
+         helper.make_node("Add", ["c", "bias"], ["a"], name="add"),
+         helper.make_node("Relu", ["a"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")],
+        "paddle_bias", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])],
+        [w1, b1, shape, w2]), opset_imports=[helper.make_opsetid("", 17)])
+    graph = analyze_model(model)
+    group = next(g for g in graph.groups if g.size == 96)
+    assert not group.frozen
+    sub = extract_group(model, graph, group, _elem_types(model))
+    assert "bias" in {n.name for n in sub.graph.node}
+    assert [i.name for i in sub.graph.input] == ["x"]
+    assert not next(g for g in analyze_model(sub).groups if g.size == 96).frozen
+
+
 def test_a_table_predicts_the_measured_model_at_full_width(digits_table, digits):
     table, saved = digits_table
     _, model, _ = digits
@@ -184,8 +216,10 @@ def test_a_table_predicts_the_measured_model_at_full_width(digits_table, digits)
     graph = analyze_model(load_model(digits[0]))
     assert table.groups and table.model_ms > 0 and table.scale > 0
     assert table.predict(graph) == pytest.approx(table.model_ms)
-    assert len(table.probes) == 3 and all(p["measured_ms"] > 0 for p in table.probes)
-    assert [s for s, _ in table.calibration] == sorted(s for s, _ in table.calibration)
+    names = [p["probe"] for p in table.probes]
+    assert names == ["probe 0.75", "probe 0.5", "probe 0.25", "probe weights", "probe compute"]
+    assert all(p["measured_ms"] > 0 for p in table.probes) and table.ms_per_mb >= 0
+    assert 0.05 <= table.scale <= 3.0
     for g in graph.groups:
         if not g.frozen:
             curve = table.groups[group_key(g)]
@@ -196,15 +230,39 @@ def test_a_table_predicts_the_measured_model_at_full_width(digits_table, digits)
     assert smaller <= table.model_ms  # fewer channels on the stairs: never a cost
 
 
-def test_the_whole_model_saving_follows_the_probes_and_extends_with_the_scale():
-    """``f(S)``: through (0, 0) and the probes' knots, then the least-squares slope."""
-    table = LatencyTable(Target(), 10.0, {}, scale=0.5, calibration=[[2.0, 1.0], [4.0, 3.0]])
+def test_the_whole_model_saving_is_k_times_the_sub_graphs_plus_b_times_the_weights():
+    """``L(w) = M - k S - b W``: a predicted cost stays a cost; the weight bytes removed take
+    the product of the kept fractions of every group a node touches."""
+    conv = {"conv": 1_000_000}  # 1 MB of weights between the two groups
+    a = GroupCurve("a", 8, 1, 1, {8: 2.0, 4: 1.0}, {"conv": 1.0}, weight_bytes=conv)
+    b = GroupCurve("b", 4, 1, 1, {4: 1.0, 2: 0.5}, {"conv": 1.0}, weight_bytes=conv)
+    table = LatencyTable(Target(), 10.0, {"a": a, "b": b}, scale=0.5, ms_per_mb=2.0)
     assert table.measured_saving(0.0) == 0.0
-    assert table.measured_saving(1.0) == pytest.approx(0.5)
-    assert table.measured_saving(3.0) == pytest.approx(2.0)
-    assert table.measured_saving(6.0) == pytest.approx(3.0 + 0.5 * 2.0)
     assert table.measured_saving(-1.0) == pytest.approx(-0.5)  # a predicted cost stays one
-    assert LatencyTable(Target(), 10.0, {}, scale=0.5).measured_saving(4.0) == 2.0
+    assert table.measured_saving(4.0, 1e6) == pytest.approx(0.5 * 4.0 + 2.0)
+    assert table.removed_bytes({"a": 8, "b": 4}) == 0.0
+    assert table.removed_bytes({"a": 4, "b": 4}) == pytest.approx(0.5e6)
+    assert table.removed_bytes({"a": 4, "b": 2}) == pytest.approx(0.75e6)  # 1/4 kept
+    # a saves 1.0 ms, b 0.5 ms; the conv is in both: t_n = (2 + 1) / 2 and the part both
+    # sides counted, t_n (1.0 / t_n) (0.5 / t_n), is taken off once
+    s = table.savings({"a": 4, "b": 2})
+    assert s == pytest.approx(1.5 - 1.0 * 0.5 / 1.5)
+    assert table.predict_widths({"a": 4, "b": 2}) == pytest.approx(10 - 0.5 * s - 2.0 * 0.75)
+    assert table.unit_saving(a, 8) == pytest.approx(0.5 * (2.0 - 0.25) / 7 + 2.0 * 1 / 8)
+
+
+@pytest.mark.parametrize(("w", "expected"), [
+    ([1.0, 0.0, 2.0], (1.0, 0.5)),  # the free fit is inside the bounds
+    ([0.0, 0.0, 0.0], (1.5, 0.0)),  # no weights removed: k alone
+    ([3.0, 2.0, 1.0], (1.5, 0.0)),  # a negative b is held at 0, k fitted again
+])
+def test_the_probes_fit_k_and_b_within_their_bounds(w, expected):
+    from idap_onnx.deploy.latency_table import fit_line
+
+    s = [1.0, 2.0, 3.0]
+    d = ([1.5 * x for x in s] if expected[1] == 0
+         else [x + 0.5 * y for x, y in zip(s, w, strict=True)])
+    assert fit_line(s, w, d) == pytest.approx(expected, abs=1e-9)
 
 
 def test_a_saved_table_reads_back_equal_and_bad_files_fail_in_one_line(digits_table, tmp_path):
@@ -213,7 +271,7 @@ def test_a_saved_table_reads_back_equal_and_bad_files_fail_in_one_line(digits_ta
     assert again.to_dict() == table.to_dict()
     with pytest.raises(UsageError, match="does not exist"):
         LatencyTable.load(tmp_path / "none.json")
-    (tmp_path / "bad.json").write_text(json.dumps({"schema_version": 1}))
+    (tmp_path / "bad.json").write_text(json.dumps({"schema_version": 2}))
     with pytest.raises(UsageError, match="is not a table idap-onnx wrote"):
         LatencyTable.load(tmp_path / "bad.json")
 
@@ -245,6 +303,62 @@ def test_the_same_table_and_seed_give_the_same_model(digits, digits_table, tmp_p
     assert (outs[0].parent / "d.latency-table.json").exists()
     md = outs[0].with_name("d.report.md").read_text()
     assert "predicted by the table" in md and "target latency: 0.8" in md
+
+
+def test_a_target_run_lands_by_measuring_and_its_saved_table_replays_it(digits, tmp_path,
+                                                                         monkeypatch):
+    """With a target and a table measured by the run, ``optimize`` times its result; off the
+    target, the result joins the table's probes and stage 1 plans again, each pass timed.
+    The pass measured nearest the target is kept, and the table saved beside the report is
+    the one that planned it, so planning with it gives the same model without timing
+    anything. (Tolerance 0 here: every pass is off the target, so both replans run.)"""
+    from idap_onnx import optimize as opt
+    from idap_onnx.cli.main import main
+
+    monkeypatch.setattr(opt, "LANDING_TOLERANCE", 0.0)
+    path, _, _ = digits
+    d = path.parent
+    common = ["optimize", str(path), "--calib", str(d / "x_train.npz"), "--labels",
+              str(d / "labels_train.npy"), "--val-fraction", "0.3", "--max-drop", "5",
+              "--no-refit", "--stages", "1", "--target-latency", "0.6"]
+    first = tmp_path / "first" / "d.onnx"
+    first.parent.mkdir()
+    assert main([*common, "--latency", "onnxruntime", "-o", str(first)]) == 0
+    plan = json.loads(first.with_name("d.report.json").read_text())["latency_plan"]
+    landing = plan["landing"]
+    assert [p["pass"] for p in landing] == [1, 2, 3]
+    assert all(p["original_ms"] > 0 and p["result_ms"] > 0 for p in landing)
+    kept = [p for p in landing if p.get("kept")]
+    assert len(kept) == 1 and abs(kept[0]["off"]) == min(abs(p["off"]) for p in landing)
+    saved = first.with_name("d.latency-table.json")
+    probes = [p["probe"] for p in json.loads(saved.read_text())["probes"]]
+    learnt = [f"result {i}" for i in range(1, kept[0]["pass"])]
+    assert [p for p in probes if p.startswith("result")] == learnt
+    assert "landing on the target, measured: pass 1" in first.with_name("d.report.md").read_text()
+    again = tmp_path / "again" / "d.onnx"
+    again.parent.mkdir()
+    assert main([*common, "--latency", "off", "--latency-table", str(saved),
+                 "-o", str(again)]) == 0
+    assert again.read_bytes() == first.read_bytes()
+    replay = json.loads(again.with_name("d.report.json").read_text())["latency_plan"]
+    assert replay["landing"] == [] and replay["source"] == f"table {saved}"
+
+
+def test_keeping_the_first_probes_restores_the_fit_they_gave():
+    conv = {"conv": 2_000_000}
+    curve = GroupCurve("a", 8, 1, 1, {8: 2.0, 4: 1.0, 1: 0.2}, {"conv": 1.0}, weight_bytes=conv)
+    table = LatencyTable(Target(), 10.0, {"a": curve})
+    table.probes = [{"probe": "p", "measured_ms": 9.0, "subgraph_saving_ms": 1.0,
+                     "weights_removed_mb": 1.0, "weight": 1.0},
+                    {"probe": "q", "measured_ms": 7.0, "subgraph_saving_ms": 1.5,
+                     "weights_removed_mb": 0.5, "weight": 1.0}]
+    table.refit()
+    before = (table.scale, table.ms_per_mb)
+    table.add_result("result 1", {"a": 4}, 20.0, 8.0)
+    assert table.probes[-1]["weight"] == 2.0 and (table.scale, table.ms_per_mb) != before
+    table.keep_probes(2)
+    assert [p["probe"] for p in table.probes] == ["p", "q"]
+    assert (table.scale, table.ms_per_mb) == before
 
 
 def test_target_latency_without_a_way_to_measure_is_a_usage_error(digits, capsys):

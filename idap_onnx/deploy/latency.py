@@ -25,9 +25,14 @@ ONNX files of any precision (fp32, fp16 with fp32 I/O, int8 QDQ or QOperator) ca
 Side by side: the models take turns, ``rounds`` times, each turn ``per_round`` timed runs
 after ``warmup`` untimed ones (first turn only), so a drift of the machine (other load, clock
 changes) reaches every model alike. A model's figure is the median of its runs; the
-speed-up is ``median(original) / median(other)``. ``max_seconds`` ends the rounds early (after
-the first) on slow models. Latency figures are measurements of this machine at this time:
-compare ratios from one call, not figures from different calls.
+speed-up is ``median(original) / median(other)``. Each ONNX Runtime session stops its
+threads' spinning when its run returns (``session.force_spinning_stop``): with spinning left
+on, the idle sessions' workers spin on the CPUs while the next model takes its turn, and on
+this 2-CPU machine a model timed in turns with three others measured 1.3-1.9x its time alone
+(ResNet-18 8.7 vs 4.6 ms, MobileNet v2 1.6-1.9 vs 0.9-1.2 ms); with it, in turns and alone
+agree within the noise (docs/BENCHMARKS.md, "Timing in turns"). ``max_seconds`` ends the
+rounds early (after the first) on slow models. Latency figures are measurements of this
+machine at this time: compare ratios from one call, not figures from different calls.
 """
 
 from __future__ import annotations
@@ -261,6 +266,9 @@ class _Runner(abc.ABC):
         """Release device buffers; nothing by default."""
 
 
+SPIN_STOP = "session.force_spinning_stop"  # ONNX Runtime's key (module docstring)
+
+
 class _OrtRunner(_Runner):
     def __init__(self, path: Path, feed: Mapping[str, np.ndarray], device: str,
                  threads: int = 0) -> None:
@@ -271,6 +279,7 @@ class _OrtRunner(_Runner):
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.intra_op_num_threads = threads
+        opts.add_session_config_entry(SPIN_STOP, "1")
         self.session = ort.InferenceSession(str(path), opts, providers=providers(device))
         self.device = f"onnxruntime {self.session.get_providers()[0]}"
         wanted = {i.name for i in self.session.get_inputs()}

@@ -7,17 +7,21 @@ ladder of widths (``ladder``), timed in turns on the target (``latency.measure``
 
 The whole model's latency at widths ``w`` is predicted from its measured latency ``M`` as
 
-    L(w) = M - f(S(w)),   S(w) = sum_g [T_g(C_g) - T_g(w_g)] - sum_n t_n s_n,in s_n,out
+    L(w) = M - k S(w) - b W(w),   S(w) = sum_g [T_g(C_g) - T_g(w_g)] - sum_n t_n s_n,in s_n,out
 
 where the second sum removes what the first counts twice: a node ``n`` shrunk on both sides
 (input group and output group), with ``t_n`` its share of a sub-graph's time (by MACs) and
-``s`` the fraction of it each side saves (``(1 - s_in)(1 - s_out)`` of it is left). Sub-graphs
-timed alone do not see their neighbours' layouts and caches, so ``f`` is measured: the whole
-model is timed with every group cut to 75 %, 50 % and 25 % of its width (``fit_scale``), and
-``f`` is the line through ``(0, 0)`` and those probes' ``(S, measured saving)``, made
-non-decreasing (and at least ``0.05 S``), extended past the last probe (and below 0) with the
-least-squares scale ``k = sum S_i D_i / sum S_i^2``, which also converts a group's saving per
-unit for ranking.
+``s`` the fraction of it each side saves (``(1 - s_in)(1 - s_out)`` of it is left).
+``W(w) = sum_n B_n (1 - prod_g w_g / C_g)`` is the weight bytes the cut removes (``B_n`` a
+node's weights, the product over the groups it touches). A sub-graph timed alone keeps its
+weights in the cache; in the whole model they compete with every other layer's, so at batch 1
+a cut saves more than its sub-graph showed, and more the more weight it removes (ResNet-18
+with every width at 75 %: the sub-graphs saved 2.4 ms, the model 2.1 ms more than that).
+``k`` and ``b`` are measured (``fit_scale``): the whole model is timed with every group cut to
+75 %, 50 % and 25 % of its width, and with the weight-heavy half of the groups (weight bytes
+per sub-graph millisecond) and then the other half cut to 25 %, so ``S`` and ``W`` vary
+apart; ``(k, b) >= 0`` is the least-squares fit of the five savings ``D_i = k S_i + b W_i``.
+``k`` and ``b`` also convert a group's saving per unit for ranking.
 
 The staircase: widths that are multiples of the runtime's block run fast; others fall back
 to slower kernels and layout reorders (ONNX Runtime's NCHWc block is 8 with AVX2, 16 with
@@ -53,7 +57,8 @@ import onnx
 
 from idap_onnx.errors import UsageError
 
-SCHEMA = 1
+TIMING_VERSION = 2  # in every cached entry's key: 2 since sessions stop spinning after a run
+SCHEMA = 2  # 2: the weight-bytes term ``b W`` replaced schema 1's knots of ``f(S)``
 TOL = 0.10  # a cut of m channels may cost this much (timing noise) and still count as free
 MULTIPLES = (1, 8, 16, 32)  # channels; the stair steps a table can find
 ANCHORS = (1.0, 0.75, 0.5, 0.25)  # anchor widths, as fractions of the group's width
@@ -169,6 +174,7 @@ class GroupCurve:
     points: dict[int, float]
     nodes: dict[str, float] = field(default_factory=dict)  # weighted node -> MACs share
     note: str = ""
+    weight_bytes: dict[str, int] = field(default_factory=dict)  # node -> bytes of its weights
 
     def aligned(self) -> tuple[np.ndarray, np.ndarray]:
         """The measured points on the stair tops (multiples of ``multiple``, and the full
@@ -199,6 +205,10 @@ class GroupCurve:
             return 0.0
         return max(self.time(width) - self.time(low), 0.0) / (width - low)
 
+    def bytes_per_unit(self) -> float:
+        """Weight bytes one unit holds in this group's nodes (its neighbours at full width)."""
+        return sum(self.weight_bytes.values()) / self.size if self.size else 0.0
+
 
 @dataclass
 class LatencyTable:
@@ -212,7 +222,7 @@ class LatencyTable:
     model_signature: str = ""
     scale: float = 1.0  # k: in-context savings / the sub-graphs' savings (``fit_scale``)
     probes: list[dict] = field(default_factory=list)  # the whole-model checks of ``fit_scale``
-    calibration: list[list[float]] = field(default_factory=list)  # f's knots [S, saving]
+    ms_per_mb: float = 0.0  # b: ms saved per MB of weights removed, beyond k S (``fit_scale``)
 
     def curve(self, graph, group) -> GroupCurve | None:
         return self.groups.get(group_key(group))
@@ -237,18 +247,30 @@ class LatencyTable:
         return self.predict_widths(widths)
 
     def predict_widths(self, widths: Mapping[str, int]) -> float:
-        """``L(w)``, never below 0 (``f`` extended past the deepest probe can overshoot)."""
-        return max(self.model_ms - self.measured_saving(self.savings(widths)), 0.0)
+        """``L(w)``, never below 0 (a line extended past the deepest probe can overshoot)."""
+        return max(self.model_ms - self.measured_saving(self.savings(widths),
+                                                        self.removed_bytes(widths)), 0.0)
 
-    def measured_saving(self, s: float) -> float:
-        """``f(S)``: the whole model's saving (ms) for the sub-graphs' saving ``s``."""
-        if not self.calibration or s <= 0:  # a predicted cost stays a cost, scaled
-            return self.scale * s
-        xs = [0.0] + [x for x, _ in self.calibration]
-        ys = [0.0] + [y for _, y in self.calibration]
-        if s <= xs[-1]:
-            return float(np.interp(s, xs, ys))
-        return float(ys[-1] + self.scale * (s - xs[-1]))
+    def measured_saving(self, s: float, removed: float = 0.0) -> float:
+        """``k S + b W``: the whole model's saving (ms) for the sub-graphs' saving ``s`` (ms)
+        and ``removed`` weight bytes."""
+        return self.scale * s + self.ms_per_mb * removed / 1e6
+
+    def unit_saving(self, curve: GroupCurve, width: int) -> float:
+        """The whole model's saving (ms) per unit cut from ``curve``'s group at ``width``."""
+        return (self.scale * curve.saving_per_unit(width)
+                + self.ms_per_mb * curve.bytes_per_unit() / 1e6)
+
+    def removed_bytes(self, widths: Mapping[str, int]) -> float:
+        """``W(w)``: weight bytes removed at ``widths`` (module docstring)."""
+        kept: dict[str, float] = defaultdict(lambda: 1.0)
+        size: dict[str, int] = {}
+        for key, w in widths.items():
+            c = self.groups[key]
+            for node, b in c.weight_bytes.items():
+                kept[node] *= w / c.size if c.size else 1.0
+                size[node] = b
+        return float(sum(b * (1.0 - kept[node]) for node, b in size.items()))
 
     def savings(self, widths: Mapping[str, int]) -> float:
         """The sub-graphs' predicted saving (ms) at ``widths`` (group key -> units), with
@@ -269,6 +291,45 @@ class LatencyTable:
                     total -= t_n * (got[0][1] / t_n) * (got[1][1] / t_n)
         return float(total)
 
+    def widths_of(self, graph) -> dict[str, int]:
+        """Group key -> units of ``graph``'s model, for the groups this table measured."""
+        return {group_key(g): g.size for g in graph.groups if group_key(g) in self.groups}
+
+    def refit(self) -> None:
+        """``k``, ``b`` fitted to the probes' measured savings (``fit_line``), each probe
+        counted its ``weight`` times; their ``predicted_ms`` set with the fit."""
+        if not self.probes:
+            return
+        s = [p["subgraph_saving_ms"] for p in self.probes]
+        w = [p["weights_removed_mb"] for p in self.probes]
+        d = [self.model_ms - p["measured_ms"] for p in self.probes]
+        self.scale, self.ms_per_mb = fit_line(s, w, d, [p.get("weight", 1.0) for p in self.probes])
+        for p in self.probes:
+            p["predicted_ms"] = round(self.model_ms - self.measured_saving(
+                p["subgraph_saving_ms"], p["weights_removed_mb"] * 1e6), 4)
+
+    def keep_probes(self, n: int) -> None:
+        """Drop the probes after the first ``n`` and fit again: the table as it was when
+        those ``n`` planned (``k``, ``b`` are a function of the probes alone)."""
+        if n < len(self.probes):
+            self.probes = self.probes[:n]
+            self.refit()
+
+    def add_result(self, name: str, widths: Mapping[str, int], original_ms: float,
+                   result_ms: float) -> None:
+        """Learn from a measured result: the model at ``widths`` ran ``result_ms`` where the
+        original ran ``original_ms`` (one call, in turns). Its saving, as a fraction of the
+        original applied to ``model_ms``, joins the probes counted as many times as the
+        probes before it (so the fit passes near the point planning needs) and ``k``, ``b``
+        are fitted again."""
+        weight = float(sum(p.get("weight", 1.0) for p in self.probes)) or 1.0
+        self.probes.append({
+            "probe": name, "measured_ms": round(self.model_ms * result_ms / original_ms, 6),
+            "subgraph_saving_ms": round(self.savings(widths), 6),
+            "weights_removed_mb": round(self.removed_bytes(widths) / 1e6, 6), "weight": weight,
+            "measured_here_ms": [round(original_ms, 4), round(result_ms, 4)]})
+        self.refit()
+
     def to_dict(self) -> dict:
         return {
             "schema_version": SCHEMA,
@@ -279,8 +340,8 @@ class LatencyTable:
             "seconds": round(self.seconds, 3),
             "fallback_multiple": self.fallback_multiple,
             "scale": self.scale,
+            "ms_per_mb": self.ms_per_mb,
             "probes": self.probes,
-            "calibration": self.calibration,
             "groups": {k: {**asdict(c), "points": {str(w): t for w, t in sorted(c.points.items())}}
                        for k, c in sorted(self.groups.items())},
         }
@@ -288,7 +349,8 @@ class LatencyTable:
     @staticmethod
     def from_dict(d: dict) -> LatencyTable:
         if d.get("schema_version") != SCHEMA:
-            raise UsageError(f"latency table schema {d.get('schema_version')} is not {SCHEMA}")
+            raise UsageError(f"latency table schema {d.get('schema_version')} is not {SCHEMA}: "
+                             "measure the table again with this version")
         groups = {}
         for k, c in d["groups"].items():
             c = dict(c)
@@ -297,8 +359,7 @@ class LatencyTable:
         return LatencyTable(Target(**d["target"]), float(d["model_ms"]), groups,
                             float(d.get("seconds", 0.0)), int(d.get("fallback_multiple", 1)),
                             d.get("model_signature", ""), float(d.get("scale", 1.0)),
-                            list(d.get("probes", [])),
-                            [list(map(float, p)) for p in d.get("calibration", [])])
+                            list(d.get("probes", [])), float(d.get("ms_per_mb", 0.0)))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the table as JSON atomically."""
@@ -427,6 +488,8 @@ def extract_group(model: onnx.ModelProto, graph, group, types: Mapping[str, int]
             if lay is not None and spaces & lay.spaces():
                 keep.add(node.name)
                 break
+    for name in list(keep):
+        keep |= _weight_chain(graph.index, name)
     nodes = [n for n in graph.index.nodes if n.name in keep]
     produced = {o for n in nodes for o in n.output if o}
     inits = graph.index.initializers
@@ -441,9 +504,9 @@ def extract_group(model: onnx.ModelProto, graph, group, types: Mapping[str, int]
                 continue
             shape = graph.index.shape(t)
             const = None if t in graph.index.input_names else graph.index.constant(t)
-            if const is not None and (const.dtype.kind != "f" or const.size <= 64):
+            if const is not None:  # a weight computed from weights (Paddle's reshaped
                 initializers.append(onnx.numpy_helper.from_array(np.asarray(const), t))
-                continue
+                continue  # biases): fed at random, the sub-graph's analysis would freeze it
             if shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
                 return None
             inputs.append(onnx.helper.make_tensor_value_info(
@@ -463,6 +526,41 @@ def extract_group(model: onnx.ModelProto, graph, group, types: Mapping[str, int]
     sub = onnx.helper.make_graph(nodes, f"group_{group.id}", inputs, outputs, initializers)
     out = onnx.helper.make_model(sub, opset_imports=list(model.opset_import))
     out.ir_version = model.ir_version
+    return out
+
+
+def _weight_bytes(index, node_name: str) -> int:
+    """Bytes of the weights ``node_name`` reads (initializers, through Identity)."""
+    total = 0
+    for t in index.node(node_name).input:
+        name = index.initializer_name(t) if t else None
+        if name is not None:
+            tensor = index.initializers[name]
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return total
+
+
+def _weight_chain(index, node_name: str) -> set[str]:
+    """The nodes computing ``node_name``'s inputs from weights alone (Paddle's
+    ``Reshape(bias)`` before an ``Add``): kept with the sub-graph, so its analysis sees the
+    weight the whole model's did, not a random input it cannot prune."""
+    out: set[str] = set()
+
+    def from_weights(t: str, depth: int) -> bool:
+        if not t or t in index.initializers or index.constant(t) is not None:
+            return True
+        p = index.producer.get(t)
+        if p is None or depth > 8 or t in index.input_names:
+            return False
+        if all(from_weights(i, depth + 1) for i in p.input):
+            out.add(p.name)
+            return True
+        return False
+
+    for t in index.node(node_name).input:
+        if t and t not in index.initializers and index.constant(t) is None:
+            from_weights(t, 0)
     return out
 
 
@@ -556,7 +654,7 @@ def build_table(
         sub = extract_group(model, graph, g, types)
         if sub is None:
             continue
-        sig = _signature(sub, f"{widths} {cpu}")
+        sig = _signature(sub, f"{widths} {cpu} timing {TIMING_VERSION}")
         entry = memo.get(sig) or _cached(cache, sig)
         if entry is None:
             entry = _time_widths(sub, g, widths, measure, timing, kw)
@@ -567,8 +665,9 @@ def build_table(
         memo[sig] = entry
         points = {int(w): float(t) for w, t in entry["points"].items()}
         step = max(stair_step(points, probes, cpu, g.size), units_for(known, cpu))
+        weights = {n: _weight_bytes(graph.index, n) for n in sorted(nodes)}
         curves[key] = GroupCurve(key, g.size, cpu, step if step < g.size else g.size, points,
-                                 shares)
+                                 shares, weight_bytes={n: b for n, b in weights.items() if b})
         if progress:
             c = curves[key]
             progress(f"latency table: group {g.id} ({g.size} units): step {c.multiple}, "
@@ -580,56 +679,91 @@ def build_table(
 
 
 PROBE_WIDTHS = (0.75, 0.5, 0.25)  # whole-model checks: every measured group cut to these fractions
+UNEVEN = 0.25  # the weight-heavy half of the groups, then the other half, cut to this fraction
+
+
+def probe_cuts(table: LatencyTable, graph) -> dict[str, dict[str, float]]:
+    """The whole-model probes of ``fit_scale``: name -> group id -> fraction of its width
+    kept. Every measured group at each of ``PROBE_WIDTHS``; then the groups ordered by weight
+    bytes per millisecond of their sub-graph, the heavier half and the lighter half each cut
+    to ``UNEVEN`` alone, so the sub-graph savings and the weight bytes vary apart."""
+    measured = [g for g in graph.groups if group_key(g) in table.groups]
+    cuts = {f"probe {f:g}": {g.id: f for g in measured} for f in PROBE_WIDTHS}
+    if len(measured) >= 2:
+        def density(g) -> float:
+            c = table.groups[group_key(g)]
+            return sum(c.weight_bytes.values()) / max(c.time(c.size), 1e-9)
+
+        order = sorted(measured, key=lambda g: (density(g), g.id))
+        half = len(order) // 2
+        cuts["probe weights"] = {g.id: UNEVEN for g in order[half:]}
+        cuts["probe compute"] = {g.id: UNEVEN for g in order[:half]}
+    return cuts
+
+
+def fit_line(s: Sequence[float], w: Sequence[float], d: Sequence[float],
+             weights: Sequence[float] | None = None) -> tuple[float, float]:
+    """``(k, b)``: the least-squares ``d = k s + b w`` (each point counted ``weights`` times)
+    with ``k`` in [0.05, 3] and ``b >= 0`` (``w`` in MB); where the free fit leaves those
+    bounds, the bound is held and the other coefficient fitted again."""
+    root = np.sqrt(np.asarray(weights if weights is not None else np.ones(len(s)), np.float64))
+    s, w, d = (np.asarray(v, dtype=np.float64) * root for v in (s, w, d))
+
+    def k_only(target):
+        den = float(s @ s)
+        return float(np.clip(s @ target / den, 0.05, 3.0)) if den > 0 else 1.0
+
+    if float(w @ w) <= 0:
+        return k_only(d), 0.0
+    (k, b), *_ = np.linalg.lstsq(np.stack([s, w], axis=1), d, rcond=None)
+    if 0.05 <= k <= 3.0 and b >= 0:
+        return float(k), float(b)
+    if b < 0:
+        return k_only(d), 0.0
+    k = float(np.clip(k, 0.05, 3.0))
+    return k, max(float(w @ (d - k * s) / (w @ w)), 0.0)
 
 
 def fit_scale(table: LatencyTable, model, graph, feed, measure, kw, progress=None) -> None:
-    """Time the model and ``PROBE_WIDTHS`` copies of it (every measured group at that
-    fraction of its width, on its stair) in turns, and set ``table.model_ms``, the scale
-    ``k`` that best maps the sub-graphs' savings ``S`` onto the measured ones
-    (``k = sum S_i (M - P_i) / sum S_i^2``) and the knots of ``f`` (module docstring).
-    Sub-graphs timed alone miss the layout changes and cache effects of their neighbours,
-    so the mapping is measured, not assumed."""
+    """Time the model and its probes (``probe_cuts``, each group on its stair) in turns,
+    and set ``table.model_ms`` and the ``k``, ``b`` of ``L(w) = M - k S - b W`` fitted to
+    the probes' measured savings (``fit_line``; module docstring). Sub-graphs timed alone
+    miss the layout changes and cache effects of their neighbours, so the mapping is
+    measured, not assumed."""
     from idap_onnx.passes.prune_channels import prune_channels
     from idap_onnx.shapes import shapes_as_input
 
     models, widths = {"model": model}, {}
-    for f in PROBE_WIDTHS:
+    for name, fractions in probe_cuts(table, graph).items():
         removal, w = {}, {}
         for g in graph.groups:
             c = table.groups.get(group_key(g))
-            if c is None:
+            if c is None or g.id not in fractions:
                 continue
-            keep = c.snap(int(g.size * f))
+            keep = c.snap(int(g.size * fractions[g.id]))
             cut = min(g.size - keep, len(g.prunable_units))
             if cut > 0:
                 removal[g.id] = g.prunable_units[len(g.prunable_units) - cut:]
                 w[c.key] = g.size - cut
         if removal:  # timed as optimize writes its result (``shapes.shapes_as_input``)
             probe = prune_channels(model, removal, graph=graph)
-            models[f"probe {f:g}"] = shapes_as_input(probe, model)
-            widths[f"probe {f:g}"] = w
-    report = measure(models, feed, rounds=5, per_round=10, warmup=3, max_seconds=30, **kw)
+            models[name] = shapes_as_input(probe, model)
+            widths[name] = w
+    report = measure(models, feed, rounds=15, per_round=10, warmup=3, max_seconds=20, **kw)
     m = report.timings["model"].median_ms
     table.model_ms = m
     saved = {name: table.savings(w) for name, w in widths.items()}
-    den = sum(v * v for v in saved.values())
-    num = sum(v * (m - report.timings[name].median_ms) for name, v in saved.items())
-    table.scale = float(np.clip(num / den, 0.05, 2.0)) if den > 0 else 1.0
-    knots = sorted((saved[name], m - report.timings[name].median_ms) for name in widths)
-    best = 0.0
-    table.calibration = []
-    for s, d in knots:  # non-decreasing, and at least 5 % of S (the floor of ``k``)
-        best = max(best, d, 0.05 * s)
-        if s > 0:
-            table.calibration.append([round(float(s), 6), round(float(best), 6)])
+    removed = {name: table.removed_bytes(w) for name, w in widths.items()}
     table.probes = [
         {"probe": name, "measured_ms": report.timings[name].median_ms,
-         "predicted_ms": round(m - table.measured_saving(saved[name]), 4),
-         "scale_only_ms": round(m - table.scale * saved[name], 4)}
+         "subgraph_saving_ms": round(saved[name], 6),
+         "weights_removed_mb": round(removed[name] / 1e6, 6), "weight": 1.0}
         for name in widths
     ]
+    table.refit()
     if progress:
-        progress(f"latency table: model {m:.3f} ms, scale {table.scale:.3f} "
+        progress(f"latency table: model {m:.3f} ms, k {table.scale:.3f}, "
+                 f"b {table.ms_per_mb:.4f} ms/MB; "
                  + ", ".join(f"{p['probe']} {p['measured_ms']:.3f} ms measured, "
                              f"{p['predicted_ms']:.3f} predicted" for p in table.probes))
 
