@@ -20,6 +20,11 @@ Stage 2: blocks (residual branches, chains) ranked by layer divergence ``D_l`` a
 removed one at a time; a removal that breaks the budget is restored and the block marked
 essential.
 
+Landing (``--target-latency`` with a table this run measured, ``_land``): the result is
+timed against the original; more than 5 % off the target, the table learns the measured
+point and stages 1 and 2 run again from the original, at most twice; the pass measured
+nearest the target is returned (``latency_target`` module docstring).
+
 The model returned is always the last one inside the budget. Calibration data never serves
 for the budget and validation data never for the scores.
 """
@@ -303,32 +308,9 @@ def optimize(
         return current, cost
 
     current, cost = stages(result)
-    passes = []  # (|off|, pass, model, cost, result, probes that planned it)
-    for attempt in range(LANDING_PASSES + 1 if lat.refines else 0):
-        if result.removed_blocks:  # the table holds channel widths, not blocks
-            break
-        t_orig, t_cur = lat.measure_against(model, shapes_as_input(current, model),
-                                            calib_batches, config.device)
-        off = (t_cur / t_orig) / (lat.target_ms / lat.table.model_ms) - 1
-        lat.landing.append({"pass": attempt + 1, "original_ms": t_orig, "result_ms": t_cur,
-                            "fraction": round(t_cur / t_orig, 4), "off": round(off, 4)})
-        passes.append((abs(off), attempt, current, cost, result, len(lat.table.probes)))
-        say(f"landing: the result measured {t_cur:.3f} ms against the original's {t_orig:.3f} "
-            f"({t_cur / t_orig:.3f} of it; {off:+.1%} off the target)")
-        if abs(off) <= LANDING_TOLERANCE or attempt == LANDING_PASSES:
-            break
-        widths = lat.table.widths_of(analyze_model(current, shapes))
-        lat.table.add_result(f"result {attempt + 1}", widths, t_orig, t_cur)
-        say(f"landing: the table learns the measured result (k {lat.table.scale:.3f}, b "
-            f"{lat.table.ms_per_mb:.4f} ms/MB) and stage 1 plans again from the original")
-        result = _fresh(result)
-        current, cost = stages(result)
-    if passes:  # the pass measured nearest the target, with the table that planned it
-        _, kept, current, cost, result, probes = min(passes, key=lambda p: (p[0], p[1]))
-        lat.table.keep_probes(probes)
-        lat.landing[kept]["kept"] = True
-        if kept + 1 < len(passes):
-            say(f"landing: keeping pass {kept + 1}, the one measured nearest the target")
+    if lat.refines:
+        current, cost, result = _land(model, current, cost, result, stages, lat, calib_batches,
+                                      shapes, config.device, say)
     final = evaluator.evaluate(current)
     if config.finetune and current is not model:
         tuned = _finetuned(current, model, train, config, config.finetune_epochs, say)
@@ -355,6 +337,43 @@ def optimize(
 
 LANDING_PASSES = 2  # with --target-latency and a table measured in this run: replans at most
 LANDING_TOLERANCE = 0.05  # a measured result this close to the target (relative) is kept
+
+
+def _land(model, current, cost, result, stages, lat: LatencyPlan, calib, shapes, device, say):
+    """``--target-latency`` with a table this run measured: time the result against the
+    original; more than ``LANDING_TOLERANCE`` off the target, the table learns the result
+    (``LatencyTable.add_result``) and ``stages`` plan again from the original, at most
+    ``LANDING_PASSES`` times. Returns the pass measured nearest the target as (model, cost,
+    result), the table cut back to the probes that planned it (``keep_probes``), so the
+    saved table replays it."""
+    passes = []  # (|off|, pass, model, cost, result, probes that planned it)
+    for attempt in range(LANDING_PASSES + 1):
+        if result.removed_blocks:  # the table holds channel widths, not blocks
+            break
+        t_orig, t_cur = lat.measure_against(model, shapes_as_input(current, model), calib,
+                                            device)
+        off = (t_cur / t_orig) / (lat.target_ms / lat.table.model_ms) - 1
+        lat.landing.append({"pass": attempt + 1, "original_ms": t_orig, "result_ms": t_cur,
+                            "fraction": round(t_cur / t_orig, 4), "off": round(off, 4)})
+        passes.append((abs(off), attempt, current, cost, result, len(lat.table.probes)))
+        say(f"landing: the result measured {t_cur:.3f} ms against the original's {t_orig:.3f} "
+            f"({t_cur / t_orig:.3f} of it; {off:+.1%} off the target)")
+        if abs(off) <= LANDING_TOLERANCE or attempt == LANDING_PASSES:
+            break
+        widths = lat.table.widths_of(analyze_model(current, shapes))
+        lat.table.add_result(f"result {attempt + 1}", widths, t_orig, t_cur)
+        say(f"landing: the table learns the measured result (k {lat.table.scale:.3f}, b "
+            f"{lat.table.ms_per_mb:.4f} ms/MB) and stage 1 plans again from the original")
+        result = _fresh(result)
+        current, cost = stages(result)
+    if not passes:
+        return current, cost, result
+    _, kept, current, cost, result, probes = min(passes, key=lambda p: (p[0], p[1]))
+    lat.table.keep_probes(probes)
+    lat.landing[kept]["kept"] = True
+    if kept + 1 < len(passes):
+        say(f"landing: keeping pass {kept + 1}, the one measured nearest the target")
+    return current, cost, result
 
 
 def _fresh(result: OptimizeResult) -> OptimizeResult:
