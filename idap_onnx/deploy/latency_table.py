@@ -14,9 +14,9 @@ where the second sum removes what the first counts twice: a node ``n`` shrunk on
 ``s`` the fraction of it each side saves (``(1 - s_in)(1 - s_out)`` of it is left).
 ``W(w) = sum_n B_n (1 - prod_g w_g / C_g)`` is the weight bytes the cut removes (``B_n`` a
 node's weights, the product over the groups it touches). A sub-graph timed alone keeps its
-weights in the cache; in the whole model they compete with every other layer's, so at batch 1
-a cut saves more than its sub-graph showed, and more the more weight it removes (ResNet-18
-with every width at 75 %: the sub-graphs saved 2.4 ms, the model 2.1 ms more than that).
+weights in the cache; in the whole model they compete with every other layer's, so where a
+model's weights do not stay in the cache a cut saves more than its sub-graph showed, and the
+more the more weight it removes.
 ``k`` and ``b`` are measured (``fit_scale``): the whole model is timed with every group cut to
 75 %, 50 % and 25 % of its width, and with the weight-heavy half of the groups (weight bytes
 per sub-graph millisecond) and then the other half cut to 25 %, so ``S`` and ``W`` vary
