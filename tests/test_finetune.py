@@ -44,7 +44,10 @@ def digits():
 @pytest.fixture(scope="module")
 def pruned(digits):
     """The digits CNN pruned to 20 % of its MACs (stage 1 only, no budget): enough damage
-    (about 24 points of test top-1) for distillation to have something to recover."""
+    (24 points of test top-1 on the Intel machine these tests were written on, 74 on an AMD
+    EPYC: the CNN is trained where the tests run) for distillation to have something to
+    recover. Six epochs of fine-tuning brought it within 3 points on the Intel machine, not on
+    the AMD one (0.956 against 0.959); sixteen do there (0.978)."""
     model = load_model(digits.model_path)
     x = digits.train[0]
     calib = [{"x": x[i : i + 64]} for i in range(0, 512, 64)]
@@ -63,7 +66,7 @@ def tuned(digits, pruned):
     teacher, student = pruned
     data = [{"x": x} for x in digits.train[0]]
     val = [{"x": x} for x in digits.val[0]]
-    return finetune(student, teacher, data, val=val, config=FinetuneConfig(epochs=6))
+    return finetune(student, teacher, data, val=val, config=FinetuneConfig(epochs=16))
 
 
 def test_distillation_recovers_most_accuracy(digits, pruned, tuned):
