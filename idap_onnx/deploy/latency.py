@@ -28,9 +28,10 @@ changes) reaches every model alike. A model's figure is the median of its runs; 
 speed-up is ``median(original) / median(other)``. Each ONNX Runtime session stops its
 threads' spinning when its run returns (``session.force_spinning_stop``): with spinning left
 on, the idle sessions' workers spin on the CPUs while the next model takes its turn, and on
-this 2-CPU machine a model timed in turns with three others measured 1.3-1.9x its time alone
-(ResNet-18 8.7 vs 4.6 ms, MobileNet v2 1.6-1.9 vs 0.9-1.2 ms); with it, in turns and alone
-agree within the noise (docs/BENCHMARKS.md, "Timing in turns"). ``max_seconds`` ends the
+a 2-CPU machine a model timed in turns with three copies of itself measured 1.09-1.79x its
+time alone (ResNet-18 8.8 vs 5.1 ms); with it, 0.93-1.01x for ResNet-18 and MiniLM, while a
+sub-millisecond MobileNet v2 still measured 1.14-1.31x (docs/BENCHMARKS.md, "Timing in
+turns"; ``tools/bench_timing_turns.py``). ``max_seconds`` ends the
 rounds early (after the first) on slow models. Latency figures are measurements of this
 machine at this time: compare ratios from one call, not figures from different calls.
 """

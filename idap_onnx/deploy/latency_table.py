@@ -13,7 +13,8 @@ where the second sum removes what the first counts twice: a node ``n`` shrunk on
 (input group and output group), with ``t_n`` its share of a sub-graph's time (by MACs) and
 ``s`` the fraction of it each side saves (``(1 - s_in)(1 - s_out)`` of it is left).
 ``W(w) = sum_n B_n (1 - prod_g w_g / C_g)`` is the weight bytes the cut removes (``B_n`` a
-node's weights, the product over the groups it touches). A sub-graph timed alone keeps its
+node's weights as ``accounting`` counts its parameters, 4 bytes each; the product over the
+groups it touches). A sub-graph timed alone keeps its
 weights in the cache; in the whole model they compete with every other layer's, so where a
 model's weights do not stay in the cache a cut saves more than its sub-graph showed, and the
 more the more weight it removes.
@@ -529,18 +530,6 @@ def extract_group(model: onnx.ModelProto, graph, group, types: Mapping[str, int]
     return out
 
 
-def _weight_bytes(index, node_name: str) -> int:
-    """Bytes of the weights ``node_name`` reads (initializers, through Identity)."""
-    total = 0
-    for t in index.node(node_name).input:
-        name = index.initializer_name(t) if t else None
-        if name is not None:
-            tensor = index.initializers[name]
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-            total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-    return total
-
-
 def _weight_chain(index, node_name: str) -> set[str]:
     """The nodes computing ``node_name``'s inputs from weights alone (Paddle's
     ``Reshape(bias)`` before an ``Add``): kept with the sub-graph, so its analysis sees the
@@ -559,8 +548,7 @@ def _weight_chain(index, node_name: str) -> set[str]:
         return False
 
     for t in index.node(node_name).input:
-        if t and t not in index.initializers and index.constant(t) is None:
-            from_weights(t, 0)
+        from_weights(t, 0)
     return out
 
 
@@ -636,6 +624,7 @@ def build_table(
     graph = analyze_model(model, shapes)
     cost = model_cost(model, shapes)
     macs = {n.name: n.macs for n in cost.nodes}
+    weights = {n.name: 4 * n.params for n in cost.nodes}  # float32 bytes of its weights
     types = _elem_types(model)
     cache = None if cache_dir is False else Path(cache_dir or default_cache_dir()) / target.key
     kw = dict(backend=target.runtime, device=device, threads=target.threads)
@@ -665,9 +654,9 @@ def build_table(
         memo[sig] = entry
         points = {int(w): float(t) for w, t in entry["points"].items()}
         step = max(stair_step(points, probes, cpu, g.size), units_for(known, cpu))
-        weights = {n: _weight_bytes(graph.index, n) for n in sorted(nodes)}
         curves[key] = GroupCurve(key, g.size, cpu, step if step < g.size else g.size, points,
-                                 shares, weight_bytes={n: b for n, b in weights.items() if b})
+                                 shares, weight_bytes={n: weights[n] for n in sorted(nodes)
+                                                       if weights.get(n)})
         if progress:
             c = curves[key]
             progress(f"latency table: group {g.id} ({g.size} units): step {c.multiple}, "
@@ -709,17 +698,17 @@ def fit_line(s: Sequence[float], w: Sequence[float], d: Sequence[float],
     root = np.sqrt(np.asarray(weights if weights is not None else np.ones(len(s)), np.float64))
     s, w, d = (np.asarray(v, dtype=np.float64) * root for v in (s, w, d))
 
-    def k_only(target):
+    def k_only() -> float:
         den = float(s @ s)
-        return float(np.clip(s @ target / den, 0.05, 3.0)) if den > 0 else 1.0
+        return float(np.clip(s @ d / den, 0.05, 3.0)) if den > 0 else 1.0
 
     if float(w @ w) <= 0:
-        return k_only(d), 0.0
+        return k_only(), 0.0
     (k, b), *_ = np.linalg.lstsq(np.stack([s, w], axis=1), d, rcond=None)
     if 0.05 <= k <= 3.0 and b >= 0:
         return float(k), float(b)
     if b < 0:
-        return k_only(d), 0.0
+        return k_only(), 0.0
     k = float(np.clip(k, 0.05, 3.0))
     return k, max(float(w @ (d - k * s) / (w @ w)), 0.0)
 
