@@ -95,6 +95,12 @@ class ChannelGroup:
     def exact(self) -> bool:
         return not self.inexact_reasons
 
+    @property
+    def key(self) -> str:
+        """A name that survives pruning (node names do, group ids do not): its producers and
+        consumers, ``"p1,p2>c1,c2"``."""
+        return ",".join(sorted(self.producers)) + ">" + ",".join(sorted(self.consumers))
+
 
 class _UnionFind:
     def __init__(self) -> None:

@@ -33,7 +33,6 @@ import onnx
 from idap_onnx.deploy.latency_table import (
     LatencyTable,
     channels_per_unit,
-    group_key,
     known_multiple,
     local_target,
     model_signature,
@@ -127,7 +126,7 @@ class LatencyPlan:
         if self.table is None:
             return True
         for g in graph.groups:
-            curve = self.table.groups.get(group_key(g))
+            curve = self.table.groups.get(g.key)
             if removal.get(g.id) and curve is not None and curve.saving_per_unit(g.size) > 0:
                 return True
         return False
@@ -139,7 +138,7 @@ class LatencyPlan:
             return dict(scores)
         out = {}
         for g in graph.groups:
-            curve = self.table.groups.get(group_key(g))
+            curve = self.table.groups.get(g.key)
             saving = self.table.unit_saving(curve, g.size) if curve else 0.0
             out[g.id] = np.asarray(scores[g.id], dtype=np.float64) / max(saving, 1e-9)
         return out

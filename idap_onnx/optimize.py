@@ -473,6 +473,7 @@ def _stage1(
     steps = config.steps
     # a target unmet after the T steps: up to 3T more along the same formula (module docstring)
     limit = 4 * steps if any(x is not None for x in targets) else steps
+    widths0 = {g.key: g.size for g in analyze_model(current, shapes).groups}  # the original
     if lat.table is not None:  # then kept current by each accepted step's removal
         result.predicted_ms = lat.predict(analyze_model(current, shapes))
     for t in range(limit):
@@ -493,7 +494,7 @@ def _stage1(
         accepted, timed = False, False
         for attempt in range(config.retries + 1):
             t0 = time.perf_counter()
-            removal = _plan(graph, scores, config, fraction, cost, targets, lat)
+            removal = _plan(graph, scores, config, fraction, cost, targets, lat, widths0)
             if not removal:
                 say(f"stage 1 step {t}: nothing left to remove")
                 result.stop = "nothing left: no prunable unit within the constraints"
@@ -556,11 +557,14 @@ def _stage1(
 
 def _plan(
     graph: DependencyGraph, scores, config: OptimizeConfig, fraction: float, cost, targets,
-    lat: LatencyPlan,
+    lat: LatencyPlan, widths0: Mapping[str, int],
 ) -> dict[str, list[int]]:
-    """The removal for ``fraction``, widths on ``lat``'s stairs; shrunk by bisection so it
-    does not overshoot the MACs or latency target by more than needed."""
+    """The removal for ``fraction``, widths on ``lat``'s stairs, ``max_group_ratio`` of each
+    group's original width (``widths0``, by ``ChannelGroup.key``) at most gone over all steps;
+    shrunk by bisection so it does not overshoot the MACs or latency target by more than
+    needed."""
     multiples = lat.multiples(graph)
+    original = {g.id: widths0.get(g.key, g.size) for g in graph.groups}
 
     def removal_for(f: float):
         return plan_removal(
@@ -572,6 +576,7 @@ def _plan(
                 max_group_ratio=config.max_group_ratio,
                 ignore=config.ignore,
                 multiples=multiples,
+                original=original,
             ),
         )
 

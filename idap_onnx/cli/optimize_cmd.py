@@ -157,7 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-group-ratio",
         type=float,
         default=0.9,
-        help="remove at most this fraction of any group (0.9)",
+        help="remove at most this fraction of any group's original units, over all steps "
+        "(0.9)",
     )
     plan.add_argument(
         "--ignore",

@@ -213,7 +213,7 @@ class GroupCurve:
 
 @dataclass
 class LatencyTable:
-    """A target's curves by group key (``group_key``) and the whole model's measured time."""
+    """A target's curves by group key (``ChannelGroup.key``) and the whole model's measured time."""
 
     target: Target
     model_ms: float
@@ -226,14 +226,14 @@ class LatencyTable:
     ms_per_mb: float = 0.0  # b: ms saved per MB of weights removed, beyond k S (``fit_scale``)
 
     def curve(self, graph, group) -> GroupCurve | None:
-        return self.groups.get(group_key(group))
+        return self.groups.get(group.key)
 
     def multiples(self, graph) -> dict[str, int]:
         """Group id -> kept counts must be multiples of this (units): the measured stair
         step, or the runtime's known multiple where the group has no curve."""
         out = {}
         for g in graph.groups:
-            c = self.groups.get(group_key(g))
+            c = self.groups.get(g.key)
             out[g.id] = c.multiple if c else units_for(self.fallback_multiple, channels_per_unit(g))
         return out
 
@@ -242,7 +242,7 @@ class LatencyTable:
         removal = removal or {}
         widths = {}
         for g in graph.groups:
-            key = group_key(g)
+            key = g.key
             if key in self.groups:
                 widths[key] = g.size - len(removal.get(g.id, ()))
         return self.predict_widths(widths)
@@ -294,7 +294,7 @@ class LatencyTable:
 
     def widths_of(self, graph) -> dict[str, int]:
         """Group key -> units of ``graph``'s model, for the groups this table measured."""
-        return {group_key(g): g.size for g in graph.groups if group_key(g) in self.groups}
+        return {g.key: g.size for g in graph.groups if g.key in self.groups}
 
     def refit(self) -> None:
         """``k``, ``b`` fitted to the probes' measured savings (``fit_line``), each probe
@@ -376,11 +376,6 @@ class LatencyTable:
             raise UsageError(f"latency table {p} does not exist") from None
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UsageError(f"latency table {p} is not a table idap-onnx wrote ({exc})") from None
-
-
-def group_key(group) -> str:
-    """A group's name that survives pruning (node names do): its producers and consumers."""
-    return ",".join(sorted(group.producers)) + ">" + ",".join(sorted(group.consumers))
 
 
 def channels_per_unit(group) -> int:
@@ -489,8 +484,8 @@ def extract_group(model: onnx.ModelProto, graph, group, types: Mapping[str, int]
             if lay is not None and spaces & lay.spaces():
                 keep.add(node.name)
                 break
-    for name in list(keep):
-        keep |= _weight_chain(graph.index, name)
+    chain = set().union(*(_constant_chain(graph.index, name) for name in keep)) - keep
+    keep |= chain
     nodes = [n for n in graph.index.nodes if n.name in keep]
     produced = {o for n in nodes for o in n.output if o}
     inits = graph.index.initializers
@@ -516,7 +511,7 @@ def extract_group(model: onnx.ModelProto, graph, group, types: Mapping[str, int]
     graph_outputs = set(graph.index.output_names)
     outputs = []
     for n in nodes:
-        for o in n.output:
+        for o in n.output if n.name not in chain else ():  # a chain's tensors stay inside
             if o and (o in used_outside or o in graph_outputs
                       or not graph.index.consumers.get(o)):
                 shape = graph.index.shape(o)
@@ -530,25 +525,27 @@ def extract_group(model: onnx.ModelProto, graph, group, types: Mapping[str, int]
     return out
 
 
-def _weight_chain(index, node_name: str) -> set[str]:
-    """The nodes computing ``node_name``'s inputs from weights alone (Paddle's
-    ``Reshape(bias)`` before an ``Add``): kept with the sub-graph, so its analysis sees the
-    weight the whole model's did, not a random input it cannot prune."""
+def _constant_chain(index, node_name: str) -> set[str]:
+    """The nodes computing ``node_name``'s inputs from weights and shapes alone (Paddle's
+    ``Reshape(bias)`` before an ``Add``; an exporter's ``Shape -> Gather -> Concat`` target
+    of a heads ``Reshape``): kept with the sub-graph, so its analysis sees the weight or
+    shape the whole model's did, not a random input it cannot prune. A ``Shape``'s data
+    input joins the sub-graph's inputs (concrete at the analysis shapes)."""
     out: set[str] = set()
 
-    def from_weights(t: str, depth: int) -> bool:
+    def computable(t: str, depth: int) -> bool:
         if not t or t in index.initializers or index.constant(t) is not None:
             return True
         p = index.producer.get(t)
         if p is None or depth > 8 or t in index.input_names:
             return False
-        if all(from_weights(i, depth + 1) for i in p.input):
+        if p.op_type in ("Shape", "Size") or all(computable(i, depth + 1) for i in p.input):
             out.add(p.name)
             return True
         return False
 
     for t in index.node(node_name).input:
-        from_weights(t, 0)
+        computable(t, 0)
     return out
 
 
@@ -634,7 +631,7 @@ def build_table(
     memo: dict[str, dict] = {}
     for g in tqdm(wanted, desc="latency table", unit="group", disable=not show,
                   file=sys.stderr, dynamic_ncols=True, leave=False):
-        key = group_key(g)
+        key = g.key
         cpu = channels_per_unit(g)
         widths, probes = ladder(g.size, cpu)
         nodes = {n: macs.get(n, 0) for n in {*g.producers, *g.consumers}}
@@ -676,11 +673,11 @@ def probe_cuts(table: LatencyTable, graph) -> dict[str, dict[str, float]]:
     kept. Every measured group at each of ``PROBE_WIDTHS``; then the groups ordered by weight
     bytes per millisecond of their sub-graph, the heavier half and the lighter half each cut
     to ``UNEVEN`` alone, so the sub-graph savings and the weight bytes vary apart."""
-    measured = [g for g in graph.groups if group_key(g) in table.groups]
+    measured = [g for g in graph.groups if g.key in table.groups]
     cuts = {f"probe {f:g}": {g.id: f for g in measured} for f in PROBE_WIDTHS}
     if len(measured) >= 2:
         def density(g) -> float:
-            c = table.groups[group_key(g)]
+            c = table.groups[g.key]
             return sum(c.weight_bytes.values()) / max(c.time(c.size), 1e-9)
 
         order = sorted(measured, key=lambda g: (density(g), g.id))
@@ -726,7 +723,7 @@ def fit_scale(table: LatencyTable, model, graph, feed, measure, kw, progress=Non
     for name, fractions in probe_cuts(table, graph).items():
         removal, w = {}, {}
         for g in graph.groups:
-            c = table.groups.get(group_key(g))
+            c = table.groups.get(g.key)
             if c is None or g.id not in fractions:
                 continue
             keep = c.snap(int(g.size * fractions[g.id]))
