@@ -473,9 +473,10 @@ def _stage1(
     steps = config.steps
     # a target unmet after the T steps: up to 3T more along the same formula (module docstring)
     limit = 4 * steps if any(x is not None for x in targets) else steps
-    widths0 = {g.key: g.size for g in analyze_model(current, shapes).groups}  # the original
+    graph0 = analyze_model(current, shapes)
+    widths0 = {g.key: g.size for g in graph0.groups}  # what max_group_ratio counts from
     if lat.table is not None:  # then kept current by each accepted step's removal
-        result.predicted_ms = lat.predict(analyze_model(current, shapes))
+        result.predicted_ms = lat.predict(graph0)
     for t in range(limit):
         if _met(cost, targets, result.predicted_ms):
             result.stop = "target met"
