@@ -29,7 +29,7 @@ from idap_onnx.errors import UsageError
 from idap_onnx.metrics import Evaluator, load_metric
 from idap_onnx.model_io import load_model, normalized, save_model, write_text_atomic
 from idap_onnx.optimize import OptimizeConfig, OptimizeResult, optimize
-from idap_onnx.optimize_report import render_markdown, write_plots
+from idap_onnx.optimize_report import render_markdown, saved_per_mac_saved, write_plots
 from idap_onnx.passes.prune_channels import prune_channels
 from idap_onnx.passes.remove_blocks import remove_blocks
 from idap_onnx.shapes import shapes_as_input
@@ -196,6 +196,9 @@ def run_optimize(
         ).to_dict()
         result.latency["slower_than_original"] = bool(
             result.latency["speedup"]["optimized"] < 1.0)
+        ratio = saved_per_mac_saved(result.latency["speedup"]["optimized"],
+                                    result.final["macs"] / result.original["macs"])
+        result.latency["saved_per_mac_saved"] = None if ratio is None else round(ratio, 4)
     return result
 
 

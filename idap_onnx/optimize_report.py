@@ -128,6 +128,31 @@ def slower_hint(lat: dict | None, round_to: int | str) -> str | None:
             f"({lat['speedup']['optimized']:.2f}x) on {lat['device']}; {fix}")
 
 
+CONVERSION_BAR = 0.9  # below it, the report says the time fell slower than the MACs
+
+
+def saved_per_mac_saved(speedup: float, macs_kept: float) -> float | None:
+    """``(1 - t/t0) / (1 - m/m0)`` from the speed-up ``t0/t`` and the kept MACs fraction
+    ``m/m0``: 1.0 when the time falls as fast as the MACs; None when no MAC was removed."""
+    if macs_kept >= 1.0 or speedup <= 0:
+        return None
+    return (1 - 1 / speedup) / (1 - macs_kept)
+
+
+def conversion_line(lat: dict | None) -> str | None:
+    """The report's line on ``latency.saved_per_mac_saved``, with what to try below
+    ``CONVERSION_BAR``."""
+    ratio = (lat or {}).get("saved_per_mac_saved")
+    if ratio is None:
+        return None
+    line = f"- latency saved / MACs saved: {ratio:.2f}"
+    if ratio < CONVERSION_BAR:
+        line += (" (the time fell slower than the MACs: what was removed cost less time per "
+                 "MAC on this runtime than the rest of the model, its fixed costs per run "
+                 "included; `--target-latency F` ranks removals by the time they save)")
+    return line
+
+
 def _latency_lines(lat: dict | None, round_to: int | str = "auto",
                    plan: dict | None = None) -> list[str]:
     """The latency table: each model's median and spread, and the speed-up over the
@@ -149,6 +174,8 @@ def _latency_lines(lat: dict | None, round_to: int | str = "auto",
                 f"{t['runs']} | {lat['speedup'][name]:.2f}x |"
             )
         lines.append("")
+        conversion = conversion_line(lat)
+        lines += [conversion] if conversion else []
     lines += _plan_lines(plan, lat)
     hint = slower_hint(lat, round_to)
     return lines + ([f"**{hint[0].upper()}{hint[1:]}.**"] if hint else [])

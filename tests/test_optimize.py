@@ -163,6 +163,21 @@ def test_a_slower_result_is_said_plainly_with_what_to_try():
     assert slower_hint(None, round_to=1) is None
 
 
+def test_the_time_saved_per_mac_saved_is_given_with_what_to_try_below_0_9():
+    """``(1 - t/t0) / (1 - m/m0)``: half the MACs at 2x is 1.0; at 1.5x it is 0.67, and the
+    report's line then says the cut saved less time than MACs and names ``--target-latency``."""
+    from idap_onnx.optimize_report import conversion_line, saved_per_mac_saved
+
+    assert saved_per_mac_saved(2.0, 0.5) == pytest.approx(1.0)
+    assert saved_per_mac_saved(1.5, 0.5) == pytest.approx(2 / 3)
+    assert saved_per_mac_saved(0.8, 0.5) < 0  # slower: a negative saving
+    assert saved_per_mac_saved(1.2, 1.0) is None  # no MAC removed
+    assert conversion_line({"saved_per_mac_saved": 0.95}) == "- latency saved / MACs saved: 0.95"
+    low = conversion_line({"saved_per_mac_saved": 0.67})
+    assert low.startswith("- latency saved / MACs saved: 0.67 (") and "--target-latency" in low
+    assert conversion_line({"saved_per_mac_saved": None}) is None and conversion_line(None) is None
+
+
 def test_a_missed_target_says_why_stage_one_stopped_and_what_to_change(digits, tmp_path):
     """One small step (and the three more a target adds) cannot reach 10 % of the MACs: the
     result says so, with the setting to raise, in the result, report.json and report.md; a

@@ -55,6 +55,7 @@ from idap_onnx.dependency import analyze_model  # noqa: E402
 from idap_onnx.deploy.latency import measure  # noqa: E402
 from idap_onnx.deploy.latency_table import build_table, local_target  # noqa: E402
 from idap_onnx.model_io import load_model  # noqa: E402
+from idap_onnx.optimize_report import saved_per_mac_saved  # noqa: E402
 
 DEFAULT_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "minilm")
 ROWS = ("exact", "default", "table stairs", "target 0.5")
@@ -146,8 +147,8 @@ def bench(name: str, batches_wanted: list[int], predict_only: bool, tmp: Path,
             pred = used.predict(analyze_model(m, shapes1)) if label != "original" else (
                 used.model_ms)
             pred_rel = pred / used.model_ms  # the table's own original as the reference
-            ratio = "" if label == "original" else (
-                f"{(1 - t / t_orig) / max(1 - macs / macs0, 1e-9):.2f}")
+            saved = saved_per_mac_saved(t_orig / t, macs / macs0)  # the report's figure
+            ratio = "" if label == "original" or saved is None else f"{saved:.2f}"
             rows.append(
                 f"| {name} | {b} | {label} | {100 * macs / macs0:.1f} % | {t:.3f} | "
                 f"{t_orig / t:.2f}x | {ratio} | {pred_rel * t_orig:.3f} | "

@@ -549,7 +549,8 @@ def _constant_chain(index, node_name: str) -> set[str]:
     return out
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+def elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> ONNX element type, from shape inference (``extract_group``'s inputs)."""
     from idap_onnx.shapes import infer_shapes
 
     inferred = infer_shapes(model)
@@ -622,7 +623,7 @@ def build_table(
     cost = model_cost(model, shapes)
     macs = {n.name: n.macs for n in cost.nodes}
     weights = {n.name: 4 * n.params for n in cost.nodes}  # float32 bytes of its weights
-    types = _elem_types(model)
+    types = elem_types(model)
     cache = None if cache_dir is False else Path(cache_dir or default_cache_dir()) / target.key
     kw = dict(backend=target.runtime, device=device, threads=target.threads)
     wanted = [g for g in graph.groups if not g.frozen and (groups is None or g.id in groups)]
@@ -754,20 +755,35 @@ def fit_scale(table: LatencyTable, model, graph, feed, measure, kw, progress=Non
                              f"{p['predicted_ms']:.3f} predicted" for p in table.probes))
 
 
-def _time_widths(sub, group, widths, measure, timing, kw):
-    """{'points': {width: ms}} of ``sub`` with ``group`` pruned to each width, timed in turns."""
+def sub_group(sub: onnx.ModelProto | None, group):
+    """``(sub-graph analysis, the group in it)``, or why ``group`` gets no curve: its
+    sub-graph (``extract_group``) could not be made, the analysis cannot read it, finds no
+    group with the same producers, consumers and size, or freezes it."""
     from idap_onnx.dependency import analyze_model
-    from idap_onnx.passes.prune_channels import prune_channels
 
+    if sub is None:
+        return "no sub-graph: an input of unknown shape"
     try:
         sg = analyze_model(sub)
-    except Exception:  # noqa: BLE001 (a sub-graph the analysis cannot read: no curve)
-        return None
+    except Exception as exc:  # noqa: BLE001 (a sub-graph the analysis cannot read: no curve)
+        return f"the sub-graph's analysis failed: {str(exc).splitlines()[0][:160]}"
     match = [h for h in sg.groups if set(group.producers) <= set(h.producers)
              and set(h.consumers) == set(group.consumers) and h.size == group.size]
-    if not match or match[0].frozen:
+    if not match:
+        return "the sub-graph's analysis couples the channels otherwise"
+    if match[0].frozen:
+        return f"frozen in the sub-graph: {match[0].frozen_reasons[0]}"
+    return sg, match[0]
+
+
+def _time_widths(sub, group, widths, measure, timing, kw):
+    """{'points': {width: ms}} of ``sub`` with ``group`` pruned to each width, timed in turns."""
+    from idap_onnx.passes.prune_channels import prune_channels
+
+    found = sub_group(sub, group)
+    if isinstance(found, str):
         return None
-    h = match[0]
+    sg, h = found
     prunable = h.prunable_units
     models = {}
     for w in widths:
