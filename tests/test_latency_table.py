@@ -384,7 +384,7 @@ def test_a_target_run_lands_by_measuring_and_its_saved_table_replays_it(digits, 
     assert replay["landing"] == [] and replay["source"] == f"table {saved}"
 
 
-def test_keeping_the_first_probes_restores_the_fit_they_gave():
+def test_a_measured_result_is_then_predicted_and_the_first_probes_restore_their_fit():
     conv = {"conv": 2_000_000}
     curve = GroupCurve("a", 8, 1, 1, {8: 2.0, 4: 1.0, 1: 0.2}, {"conv": 1.0}, weight_bytes=conv)
     table = LatencyTable(Target(), 10.0, {"a": curve})
@@ -396,6 +396,8 @@ def test_keeping_the_first_probes_restores_the_fit_they_gave():
     before = (table.scale, table.ms_per_mb)
     table.add_result("result 1", {"a": 4}, 20.0, 8.0)
     assert table.probes[-1]["weight"] == 2.0 and (table.scale, table.ms_per_mb) != before
+    # the last measured result is predicted as measured (the fit scaled as a secant there)
+    assert table.probes[-1]["measured_ms"] == 4.0 and table.probes[-1]["predicted_ms"] == 4.0
     table.keep_probes(2)
     assert [p["probe"] for p in table.probes] == ["p", "q"]
     assert (table.scale, table.ms_per_mb) == before

@@ -298,13 +298,26 @@ class LatencyTable:
 
     def refit(self) -> None:
         """``k``, ``b`` fitted to the probes' measured savings (``fit_line``), each probe
-        counted its ``weight`` times; their ``predicted_ms`` set with the fit."""
+        counted its ``weight`` times, then both scaled by ``c`` so that the last measured
+        result (``add_result``) is predicted as measured (``k`` kept in [0.05, 3]): near the
+        cut planning needs, the line is corrected as a secant; their ``predicted_ms`` set
+        with the fit."""
         if not self.probes:
             return
         s = [p["subgraph_saving_ms"] for p in self.probes]
         w = [p["weights_removed_mb"] for p in self.probes]
         d = [self.model_ms - p["measured_ms"] for p in self.probes]
         self.scale, self.ms_per_mb = fit_line(s, w, d, [p.get("weight", 1.0) for p in self.probes])
+        results = [p for p in self.probes if "measured_here_ms" in p]
+        if results:
+            last = results[-1]
+            fitted = self.measured_saving(last["subgraph_saving_ms"],
+                                          last["weights_removed_mb"] * 1e6)
+            saved = self.model_ms - last["measured_ms"]
+            if fitted > 0 and saved > 0:
+                c = saved / fitted
+                self.scale = float(np.clip(self.scale * c, 0.05, 3.0))
+                self.ms_per_mb *= c
         for p in self.probes:
             p["predicted_ms"] = round(self.model_ms - self.measured_saving(
                 p["subgraph_saving_ms"], p["weights_removed_mb"] * 1e6), 4)
@@ -322,7 +335,7 @@ class LatencyTable:
         original ran ``original_ms`` (one call, in turns). Its saving, as a fraction of the
         original applied to ``model_ms``, joins the probes counted as many times as the
         probes before it (so the fit passes near the point planning needs) and ``k``, ``b``
-        are fitted again."""
+        are fitted again (``refit``: the result is then predicted as measured)."""
         weight = float(sum(p.get("weight", 1.0) for p in self.probes)) or 1.0
         self.probes.append({
             "probe": name, "measured_ms": round(self.model_ms * result_ms / original_ms, 6),
