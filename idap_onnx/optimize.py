@@ -481,7 +481,7 @@ def _stage1(
         if _met(cost, targets, result.predicted_ms):
             result.stop = "target met"
             break
-        graph = analyze_model(current, shapes)
+        graph = graph0 if t == 0 else analyze_model(current, shapes)  # t > 0: a step went
         stats = collect(
             current, plan_probes(graph, scores=(config.score,)), calib, device=config.device
         )

@@ -316,7 +316,7 @@ class LatencyTable:
             saved = self.model_ms - last["measured_ms"]
             if fitted > 0 and saved > 0:
                 c = saved / fitted
-                self.scale = float(np.clip(self.scale * c, 0.05, 3.0))
+                self.scale = float(np.clip(self.scale * c, *K_BOUNDS))
                 self.ms_per_mb *= c
         for p in self.probes:
             p["predicted_ms"] = round(self.model_ms - self.measured_saving(
@@ -678,6 +678,7 @@ def build_table(
     return table
 
 
+K_BOUNDS = (0.05, 3.0)  # k of the fit (fit_line) and of the landing's secant (refit)
 PROBE_WIDTHS = (0.75, 0.5, 0.25)  # whole-model checks: every measured group cut to these fractions
 UNEVEN = 0.25  # the weight-heavy half of the groups, then the other half, cut to this fraction
 
@@ -711,16 +712,16 @@ def fit_line(s: Sequence[float], w: Sequence[float], d: Sequence[float],
 
     def k_only() -> float:
         den = float(s @ s)
-        return float(np.clip(s @ d / den, 0.05, 3.0)) if den > 0 else 1.0
+        return float(np.clip(s @ d / den, *K_BOUNDS)) if den > 0 else 1.0
 
     if float(w @ w) <= 0:
         return k_only(), 0.0
     (k, b), *_ = np.linalg.lstsq(np.stack([s, w], axis=1), d, rcond=None)
-    if 0.05 <= k <= 3.0 and b >= 0:
+    if K_BOUNDS[0] <= k <= K_BOUNDS[1] and b >= 0:
         return float(k), float(b)
     if b < 0:
         return k_only(), 0.0
-    k = float(np.clip(k, 0.05, 3.0))
+    k = float(np.clip(k, *K_BOUNDS))
     return k, max(float(w @ (d - k * s) / (w @ w)), 0.0)
 
 
